@@ -1,0 +1,153 @@
+"""The OpenAI-compatible routes: validate -> route -> relay. No HTTP client code lives here."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from gateway.app import Gateway, error_response
+from gateway.asgi import race_disconnect
+from gateway.backends import Upstream
+from gateway.errors import GatewayError, ModelNotFound, UpstreamBadResponse, status_reason
+from gateway.protocol import Endpoint, openapi_body, parse_request, upstream_body
+from gateway.proxy import CLIENT_CLOSED, Exchange, RelayResponse, read_upstream, response_headers
+from gateway.streaming import read_usage
+
+router = APIRouter()
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+
+
+def request_id_of(request: Request) -> str:
+    given = request.headers.get("x-request-id")
+    return given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+@router.post("/v1/chat/completions", openapi_extra=openapi_body("chat"), response_model=None)
+async def chat_completions(request: Request) -> Response:
+    return await proxy(request, "chat", "/v1/chat/completions")
+
+
+@router.post("/v1/completions", openapi_extra=openapi_body("completions"), response_model=None)
+async def completions(request: Request) -> Response:
+    return await proxy(request, "completions", "/v1/completions")
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    gw: Gateway = request.app.state.gateway
+    data = []
+    for card in gw.settings.models:
+        data.append(
+            {
+                "id": card.id,
+                "object": "model",
+                "created": gw.started,
+                "owned_by": card.vendor,
+                "aliases": card.aliases,
+                "family": card.family,
+                "origin": card.origin,
+                "emulated": card.emulated,
+                "backends": list(gw.pool.table.backends_of(card.id)),
+            }
+        )
+    return {"object": "list", "data": data}
+
+
+async def proxy(request: Request, endpoint: Endpoint, path: str) -> Response:
+    gw: Gateway = request.app.state.gateway
+    ex = Exchange(request_id_of(request), endpoint, request.scope.get("gateway.t0") or time.perf_counter())
+    try:
+        raw = await request.body()
+        parsed = parse_request(raw, endpoint)
+        model = gw.pool.table.resolve(parsed.model)
+        if model is None:
+            raise ModelNotFound(f"The model `{parsed.model}` does not exist.", param="model")
+        ex.model, ex.card = model, gw.settings.card(model)
+        headers = {
+            "content-type": "application/json",
+            "x-request-id": ex.request_id,
+            "accept-encoding": "identity",
+        }
+        body = upstream_body(parsed, raw, model)
+    except GatewayError as err:
+        gw.recorder.failed(ex, err.status)
+        return error_response(err, ex.request_id)
+
+    async def call() -> tuple[Upstream, bytes | None]:
+        """Open upstream; for a stream that succeeded, hand it over open, else read the whole body."""
+        upstream = await gw.pool.open(model, path, body, headers)
+        ex.backend = upstream.backend.name
+        series = gw.metrics.series(model, ex.backend)
+        series.in_flight.inc()
+        if parsed.stream and upstream.response.status_code == 200:
+            return upstream, None  # RelayResponse releases it
+        try:
+            return upstream, await read_upstream(upstream)
+        finally:
+            upstream.backend.in_flight -= 1
+            series.in_flight.dec()
+
+    sent = time.perf_counter()
+    try:
+        # Until the first byte goes out, a client that leaves cancels the upstream call (and vLLM aborts).
+        gone, result = await race_disconnect(call, request.receive)
+    except GatewayError as err:
+        return _failed(gw, ex, err)
+    if gone:
+        gw.recorder.failed(ex, CLIENT_CLOSED)
+        return Response(status_code=CLIENT_CLOSED)
+    upstream, content = result
+    if content is None:
+        return RelayResponse(ex, upstream, gw.recorder, strip_usage=not parsed.client_wants_usage)
+    done = time.perf_counter()
+    status = upstream.response.status_code
+    if status != 200:
+        return _upstream_error(gw, ex, status, content, upstream.response.headers.get("retry-after"))
+    try:
+        usage = read_usage(json.loads(content))
+    except ValueError:
+        return _failed(gw, ex, UpstreamBadResponse(f"backend {ex.backend} sent a body that is not JSON"))
+    e2e = done - ex.t0
+    gw.recorder.finished(ex, 200, e2e=e2e, usage=usage)
+    timing = f"e2e;dur={e2e * 1000:.3f}, upstream;dur={(done - sent) * 1000:.3f}"
+    return _raw(ex, 200, content, {"server-timing": timing})
+
+
+def _raw(ex: Exchange, status: int, body: bytes, extra: dict[str, str] | None = None) -> Response:
+    response = Response(content=body, status_code=status)
+    response.raw_headers = [
+        *response_headers(ex, "application/json", extra),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    return response
+
+
+def _failed(gw: Gateway, ex: Exchange, err: GatewayError) -> JSONResponse:
+    if err.upstream_reason:
+        gw.metrics.upstream_errors.labels(ex.backend, err.upstream_reason).inc()
+    gw.recorder.failed(ex, err.status)
+    response = error_response(err, ex.request_id)
+    response.headers["x-gateway-backend"] = ex.backend
+    return response
+
+
+def _upstream_error(gw: Gateway, ex: Exchange, status: int, body: bytes, retry_after: str | None) -> Response:
+    """A backend's error status: passed through with its body when that body is an error object."""
+    try:
+        ok = isinstance(json.loads(body), dict)
+    except ValueError:
+        ok = False
+    if not ok:
+        return _failed(gw, ex, UpstreamBadResponse(f"backend {ex.backend} answered {status} with a non-JSON body"))
+    reason = status_reason(status)
+    if reason:
+        gw.metrics.upstream_errors.labels(ex.backend, reason).inc()
+    gw.recorder.failed(ex, status)
+    return _raw(ex, status, body, {"retry-after": retry_after} if retry_after else None)

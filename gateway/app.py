@@ -1,0 +1,103 @@
+"""The application factory. Nothing is built at import time: ``create_app`` returns a FastAPI app whose lifespan
+owns the backend clients and the health-check task."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway import __version__
+from gateway.backends import BackendPool
+from gateway.config import Settings
+from gateway.errors import GatewayError, InvalidRequest, NotFound, ServerError
+from gateway.metrics import Metrics
+from gateway.proxy import Recorder
+
+
+@dataclass(slots=True)
+class Gateway:
+    """Everything a request handler needs, built once per app."""
+
+    settings: Settings
+    metrics: Metrics
+    pool: BackendPool
+    recorder: Recorder
+    started: int
+
+
+class StampArrival:
+    """Pure ASGI middleware: records when the request reached the gateway (t0 of every latency)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope["gateway.t0"] = time.perf_counter()
+        await self.app(scope, receive, send)
+
+
+def error_response(err: GatewayError, request_id: str | None = None) -> JSONResponse:
+    headers = {"x-request-id": request_id} if request_id else None
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
+    registry: CollectorRegistry | None = None,
+) -> FastAPI:
+    """Build the gateway. ``transports`` (by backend name) and ``registry`` are seams for tests."""
+    from gateway.api import openai, ops
+
+    metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    metrics.describe(settings)
+    pool = BackendPool(settings, metrics, transports)
+    gateway = Gateway(settings, metrics, pool, Recorder(metrics), int(time.time()))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await pool.start()
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    app = FastAPI(
+        title="LLM comparison gateway",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.gateway = gateway
+    app.include_router(openai.router)
+    app.include_router(ops.router)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        err: GatewayError = (
+            NotFound(f"no route {request.method} {request.url.path}")
+            if exc.status_code == 404
+            else InvalidRequest(str(exc.detail))
+        )
+        response = error_response(err)
+        response.status_code = exc.status_code
+        return response
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(ServerError(f"internal error: {type(exc).__name__}"))
+
+    app.add_middleware(StampArrival)
+    return app

@@ -1,0 +1,172 @@
+"""Command line: ``gateway serve | emulate | up``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from gateway.config import ConfigError, ServeEnv, Settings, guess_card, load_settings, parse_settings
+from gateway.supervisor import StartupError
+
+
+def _serve_parser(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the gateway")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--config", type=Path, help="YAML config file (see deploy/)")
+    src.add_argument(
+        "--backend",
+        action="append",
+        metavar="[NAME=]URL",
+        help="a vLLM server whose models are discovered from its /v1/models (repeatable)",
+    )
+    p.add_argument("--host", help="address to listen on (default from config, else 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default from config, else 8000)")
+    p.add_argument("--discover-timeout", type=float, default=60.0, help="seconds to wait for --backend servers")
+    p.add_argument("--access-log", action="store_true", help="log every request (off: it costs throughput)")
+
+
+def _emulate_parser(sub: Any) -> None:
+    p = sub.add_parser("emulate", help="run the vLLM emulator (a test double, not a model)")
+    p.add_argument("--model", required=True, help="model name it answers to")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8100)
+    p.add_argument("--ttft-ms", type=float, default=200.0)
+    p.add_argument("--itl-ms", type=float, default=20.0)
+    p.add_argument("--output-tokens", type=int, default=64, help="tokens per answer unless max_tokens is lower")
+    p.add_argument("--jitter", type=float, default=0.0, help="relative jitter of every delay, 0-1")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="latency grows once more requests run than this")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--fail-rate", type=float, default=0.0, help="fraction of requests answered 500")
+    p.add_argument("--stream-error-rate", type=float, default=0.0, help="fraction of streams with an error event")
+    p.add_argument("--drop-rate", type=float, default=0.0, help="fraction of streams cut off mid-way")
+
+
+def _up_parser(sub: Any) -> None:
+    p = sub.add_parser("up", help="start backends + gateway in one command; Ctrl-C stops everything")
+    p.add_argument("--backends", choices=["emulated", "vllm-cpu"], default="emulated")
+    p.add_argument("--port", type=int, default=8000, help="gateway port")
+    p.add_argument("--config", type=Path, help="config whose backends to start (default: deploy/ example)")
+    p.add_argument("--run-dir", type=Path, help="where logs and generated configs go (default: a temp dir)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _emulate_parser(sub)
+    _up_parser(sub)
+    return parser
+
+
+def discover(backends: list[str], timeout: float) -> Settings:
+    """Settings for ``serve --backend``: each server's models from its /v1/models, cards guessed from the id."""
+    cards: dict[str, dict[str, Any]] = {}
+    entries = []
+    for i, spec in enumerate(backends):
+        name, _, url = spec.rpartition("=") if "=" in spec.split("://")[0] else ("", "", spec)
+        name = name or f"backend{i}"
+        url = url.rstrip("/").removesuffix("/v1")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                response = httpx.get(f"{url}/v1/models", timeout=5.0)
+                response.raise_for_status()
+                ids = [m["id"] for m in response.json()["data"]]
+                break
+            except (httpx.HTTPError, KeyError, TypeError, ValueError) as exc:
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"--backend {spec}: cannot list models at {url}/v1/models: {exc}") from None
+                time.sleep(1.0)
+        for model in ids:
+            cards.setdefault(model, guess_card(model).model_dump(exclude_none=True))
+        entries.append({"name": name, "base_url": url, "models": ids})
+    return parse_settings({"models": list(cards.values()), "backends": entries}, "--backend")
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    env = ServeEnv()
+    config = args.config or env.config
+    if args.backend:
+        settings = discover(args.backend, args.discover_timeout)
+    elif config:
+        settings = load_settings(config)
+    else:
+        print("error: gateway serve needs --config FILE or --backend URL", file=sys.stderr)
+        return 2
+    host = args.host or env.host or settings.gateway.host
+    port = args.port if args.port is not None else (env.port or settings.gateway.port)
+    logging.basicConfig(
+        level=settings.gateway.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(settings)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=settings.gateway.log_level,
+        access_log=args.access_log,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def emulate(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.emulator import EmulatorConfig, create_emulator_app
+
+    config = EmulatorConfig(
+        model=args.model,
+        ttft_ms=args.ttft_ms,
+        itl_ms=args.itl_ms,
+        output_tokens=args.output_tokens,
+        jitter=args.jitter,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_model_len=args.max_model_len,
+        fail_rate=args.fail_rate,
+        stream_error_rate=args.stream_error_rate,
+        drop_rate=args.drop_rate,
+    )
+    print(
+        f"vLLM EMULATOR (not a model) answering as {args.model!r} on http://{args.host}:{args.port}",
+        flush=True,
+    )
+    uvicorn.run(create_emulator_app(config), host=args.host, port=args.port, log_level="warning", access_log=False)
+    return 0
+
+
+def up(args: argparse.Namespace) -> int:
+    from gateway import stack
+
+    if args.backends == "vllm-cpu":
+        print("error: --backends vllm-cpu is not available yet; use --backends emulated", file=sys.stderr)
+        return 2
+    return stack.up_emulated(args.config or stack.DEFAULT_EMULATED_CONFIG, args.port, args.run_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+        if args.command == "emulate":
+            return emulate(args)
+        return up(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

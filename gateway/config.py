@@ -1,0 +1,207 @@
+"""Configuration: the only module that reads files and the environment.
+
+One YAML file describes the gateway, the model cards and the backends (see ``deploy/*.yaml``). It is validated
+once, at startup; a bad file raises :class:`ConfigError` whose message names the file and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+ENV_VAR_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class ConfigError(Exception):
+    """A configuration file or value that cannot be used; the message names the file and the field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Gpu(Strict):
+    type: str = Field(description="GPU model, e.g. H100-80GB")
+    count: Annotated[int, Field(ge=0)] = 1
+    usd_per_hour: Annotated[float, Field(ge=0, description="$ per GPU-hour")] = 0.0
+
+    @property
+    def cost_per_hour_usd(self) -> float:
+        return self.count * self.usd_per_hour
+
+
+class ListPrice(Strict):
+    input_per_1m: Annotated[float, Field(ge=0)]
+    output_per_1m: Annotated[float, Field(ge=0)]
+
+
+class ModelCard(Strict):
+    id: Annotated[str, Field(min_length=1)]
+    family: str = "unknown"
+    vendor: str = "unknown"
+    origin: str = Field(default="unknown", description="country of the lab, e.g. CN, US")
+    params_b: Annotated[float, Field(ge=0)] | None = Field(default=None, description="total parameters, billions")
+    active_params_b: Annotated[float, Field(ge=0)] | None = Field(default=None, description="active per token (MoE)")
+    gpu: Gpu | None = None
+    list_price: ListPrice | None = None
+    aliases: list[str] = Field(default_factory=list)
+    emulated: bool = Field(default=False, description="served by the vLLM emulator, not a model")
+
+
+class Timeouts(Strict):
+    connect: Annotated[float, Field(gt=0)] = 5.0
+    read: Annotated[float, Field(gt=0, description="first byte and every later chunk")] = 300.0
+    write: Annotated[float, Field(gt=0)] = 30.0
+    pool: Annotated[float, Field(gt=0)] = 10.0
+
+
+class EmulatorSpec(Strict):
+    """How ``gateway up --backends emulated`` starts this backend's emulator."""
+
+    ttft_ms: Annotated[float, Field(ge=0)] = 200.0
+    itl_ms: Annotated[float, Field(ge=0)] = 20.0
+    output_tokens: Annotated[int, Field(ge=1)] = 64
+    jitter: Annotated[float, Field(ge=0, le=1)] = 0.0
+    batch_size: Annotated[int, Field(ge=1)] = 64
+
+
+class BackendConfig(Strict):
+    name: Annotated[str, Field(pattern=NAME_PATTERN)]
+    base_url: str
+    models: Annotated[list[str], Field(min_length=1)]
+    api_key_env: Annotated[str, Field(pattern=ENV_VAR_PATTERN)] | None = None
+    timeouts: Timeouts = Timeouts()
+    max_connections: Annotated[int, Field(ge=1)] = 2048
+    gpu: Gpu | None = Field(default=None, description="overrides the model card's GPU for this replica")
+    emulator: EmulatorSpec | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/").removesuffix("/v1")
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+class GatewaySection(Strict):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    health_check_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    health_check_timeout_s: Annotated[float, Field(gt=0)] = 2.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Settings(Strict):
+    gateway: GatewaySection = GatewaySection()
+    models: list[ModelCard] = Field(default_factory=list)
+    backends: Annotated[list[BackendConfig], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        names: dict[str, str] = {}
+        for card in self.models:
+            for name in (card.id, *card.aliases):
+                if name in names:
+                    raise ValueError(f"model name {name!r} is used by both {names[name]!r} and {card.id!r}")
+                names[name] = card.id
+        backend_names = [b.name for b in self.backends]
+        for name in backend_names:
+            if backend_names.count(name) > 1:
+                raise ValueError(f"backend name {name!r} is used twice")
+        served: set[str] = set()
+        for i, backend in enumerate(self.backends):
+            for model in backend.models:
+                if model not in names or names[model] != model:
+                    raise ValueError(
+                        f"backends[{i}] ({backend.name}) serves {model!r}, which has no model card in 'models'"
+                    )
+                served.add(model)
+        for card in self.models:
+            if card.id not in served:
+                raise ValueError(f"model {card.id!r} has no backend serving it")
+        return self
+
+    def card(self, model_id: str) -> ModelCard:
+        return next(c for c in self.models if c.id == model_id)
+
+    def backend_cost_per_hour(self, backend: BackendConfig) -> float:
+        gpu = backend.gpu or self.card(backend.models[0]).gpu
+        return gpu.cost_per_hour_usd if gpu else 0.0
+
+
+class ServeEnv(BaseSettings):
+    """Defaults for ``gateway serve`` taken from ``GATEWAY_*`` environment variables (flags win)."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", extra="ignore")
+
+    config: Path | None = None
+    host: str | None = None
+    port: int | None = None
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def parse_settings(data: Any, source: str) -> Settings:
+    """Validate already-loaded data; ``source`` names where it came from in error messages."""
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{source}: invalid configuration"]
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
+            lines.append(f"  {_field_path(loc)}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+    for i, backend in enumerate(settings.backends):
+        if backend.api_key_env and backend.api_key_env not in os.environ:
+            raise ConfigError(
+                f"{source}: backends[{i}].api_key_env: environment variable {backend.api_key_env} is not set"
+            )
+    return settings
+
+
+def load_settings(path: Path) -> Settings:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping with 'backends' (and 'models', 'gateway') at the top")
+    return parse_settings(data, str(path))
+
+
+# Model cards for models found by discovery (``gateway serve --backend URL``), guessed from the model id.
+KNOWN_FAMILIES: tuple[tuple[str, str, str, str], ...] = (
+    # substring of the id, family, vendor, origin
+    ("qwen", "qwen3", "Alibaba", "CN"),
+    ("deepseek", "deepseek", "DeepSeek", "CN"),
+    ("llama", "llama", "Meta", "US"),
+    ("mistral", "mistral", "Mistral AI", "FR"),
+    ("gemma", "gemma", "Google", "US"),
+)
+
+
+def guess_card(model_id: str) -> ModelCard:
+    lowered = model_id.lower()
+    for needle, family, vendor, origin in KNOWN_FAMILIES:
+        if needle in lowered:
+            return ModelCard(id=model_id, family=family, vendor=vendor, origin=origin)
+    return ModelCard(id=model_id)

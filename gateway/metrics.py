@@ -1,0 +1,158 @@
+"""Every metric the gateway exports.
+
+Naming: ``gateway_<noun>_<unit>``, counters end in ``_total``, seconds and USD as base units, no colons (those
+belong to vLLM's ``vllm:*`` metrics and to recording rules). Labels come only from the configuration (model,
+backend) or from closed enums (endpoint, status, reason, basis): never request ids, keys or prompts.
+
+Latency buckets are vLLM's own (see MEASUREMENT.md) so that SLO thresholds line up with ``vllm:*`` histograms;
+ITL/TPOT get three finer buckets below 10 ms because the gateway's own overhead is measured there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+from gateway.config import Settings
+from gateway.errors import UPSTREAM_REASONS
+
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+    80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+ITL_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+    10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+E2E_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+    960.0, 1920.0, 7680.0,
+)  # fmt: skip
+
+ENDPOINTS = ("chat", "completions")
+NO_MODEL = "unknown"  # model label of a request that never resolved to a configured model
+NO_BACKEND = "none"  # backend label of a request that never reached a backend
+
+
+@dataclass(slots=True)
+class Series:
+    """The children of one (model, backend) pair, resolved once so the per-chunk path does no label lookups."""
+
+    ttft: Histogram
+    itl: Histogram
+    tpot: Histogram
+    prompt_tokens: Counter
+    completion_tokens: Counter
+    in_flight: Gauge
+    cost_list_price: Counter
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series double the exposition and nothing here reads them
+        self.registry = registry
+        mb = ("model", "backend")
+        self.requests = Counter(
+            "gateway_requests", "Requests by outcome.", ("model", "backend", "endpoint", "status"),
+            registry=registry,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "gateway_request_duration_seconds",
+            "End-to-end latency: last token-bearing chunk (or full body) minus receipt of the request.",
+            ("model", "backend", "endpoint"), buckets=E2E_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds",
+            "First chunk carrying content/reasoning/text minus receipt of the request (streaming only).",
+            mb, buckets=TTFT_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.itl = Histogram(
+            "gateway_inter_token_latency_seconds",
+            "Every gap between consecutive token-bearing chunks, pooled across requests.",
+            mb, buckets=ITL_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.tpot = Histogram(
+            "gateway_time_per_output_token_seconds",
+            "(E2E - TTFT) / (completion_tokens - 1), per streamed request with more than one token.",
+            mb, buckets=ITL_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            "gateway_prompt_tokens", "Prompt tokens, from the backend's usage.", mb, registry=registry
+        )
+        self.completion_tokens = Counter(
+            "gateway_completion_tokens", "Completion tokens, from the backend's usage.", mb, registry=registry
+        )
+        self.in_flight = Gauge("gateway_requests_in_flight", "Requests being served right now.", mb, registry=registry)
+        self.backend_up = Gauge(
+            "gateway_backend_up",
+            "1 if the backend passed its last health check.",
+            ("backend",),
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors", "Backend failures by reason.", ("backend", "reason"), registry=registry
+        )
+        self.cost = Counter(
+            "gateway_cost_usd",
+            "Client-facing cost; basis=list_price is usage x the model card's list prices.",
+            ("model", "backend", "basis"), registry=registry,
+        )  # fmt: skip
+        self.backend_cost_per_hour = Gauge(
+            "gateway_backend_cost_per_hour_usd",
+            "GPUs x $/GPU-hour of the backend: divide by the token rate for $ per token on the GPU-time basis.",
+            ("backend",), registry=registry,
+        )  # fmt: skip
+        self.model_info = Gauge(
+            "gateway_model_info",
+            "Model card, for joins: group any panel by origin, family or vendor.",
+            ("model", "family", "vendor", "origin", "params_b", "active_params_b", "gpu_type", "gpu_count"),
+            registry=registry,
+        )  # fmt: skip
+        self.backend_info = Gauge(
+            "gateway_backend_info",
+            "Which backend serves which model.",
+            ("backend", "model"),
+            registry=registry,
+        )
+        self._series: dict[tuple[str, str], Series] = {}
+
+    def series(self, model: str, backend: str) -> Series:
+        key = (model, backend)
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = Series(
+                ttft=self.ttft.labels(model, backend),
+                itl=self.itl.labels(model, backend),
+                tpot=self.tpot.labels(model, backend),
+                prompt_tokens=self.prompt_tokens.labels(model, backend),
+                completion_tokens=self.completion_tokens.labels(model, backend),
+                in_flight=self.in_flight.labels(model, backend),
+                cost_list_price=self.cost.labels(model, backend, "list_price"),
+            )
+        return found
+
+    def describe(self, settings: Settings) -> None:
+        """Publish the info metrics and pre-create every configured label set (dashboards show 0, not gaps)."""
+        for card in settings.models:
+            gpu = card.gpu
+            self.model_info.labels(
+                card.id, card.family, card.vendor, card.origin,
+                _num(card.params_b), _num(card.active_params_b),
+                gpu.type if gpu else "", str(gpu.count) if gpu else "",
+            ).set(1)  # fmt: skip
+        for backend in settings.backends:
+            self.backend_up.labels(backend.name)
+            self.backend_cost_per_hour.labels(backend.name).set(settings.backend_cost_per_hour(backend))
+            for reason in UPSTREAM_REASONS:
+                self.upstream_errors.labels(backend.name, reason)
+            for model in backend.models:
+                self.backend_info.labels(backend.name, model).set(1)
+                self.series(model, backend.name)
+                for endpoint in ENDPOINTS:
+                    self.requests.labels(model, backend.name, endpoint, "200")
+                    self.duration.labels(model, backend.name, endpoint)
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"

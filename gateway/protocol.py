@@ -1,0 +1,99 @@
+"""Wire models: strict on the few fields the gateway reads, ``extra="allow"`` on everything it forwards.
+
+The gateway reads ``model``, ``stream`` and ``stream_options`` and checks that a chat request has ``messages``
+and a completion request a ``prompt``. Every other field (``top_k``, ``guided_json``, ``chat_template_kwargs``,
+...) is vLLM's to validate and reaches it byte for byte: the body is re-serialised only when the gateway must
+change it (to ask for usage in a stream, or to replace an alias by the model id).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, field_validator
+
+from gateway.errors import InvalidRequest
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: StrictBool | None = None
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: StrictStr = Field(min_length=1, description="model id or alias, see GET /v1/models")
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+
+
+class CompletionRequest(_Request):
+    prompt: Any = Field(description="a string, a list of strings, a list of token ids or a list of those")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: Any) -> Any:
+        if not isinstance(value, str | list):
+            raise ValueError("must be a string or a list")
+        return value
+
+
+Endpoint = Literal["chat", "completions"]
+_MODELS: dict[str, type[_Request]] = {"chat": ChatCompletionRequest, "completions": CompletionRequest}
+
+
+@dataclass(slots=True)
+class ParsedRequest:
+    body: dict[str, Any]
+    model: str
+    stream: bool
+    client_wants_usage: bool
+
+
+def parse_request(raw: bytes, endpoint: Endpoint) -> ParsedRequest:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    try:
+        head = _MODELS[endpoint].model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        raise InvalidRequest(f"{param}: {first['msg']}" if param else first["msg"], param=param) from None
+    opts = head.stream_options
+    return ParsedRequest(
+        body=body,
+        model=head.model,
+        stream=bool(head.stream),
+        client_wants_usage=bool(opts and opts.include_usage),
+    )
+
+
+def upstream_body(parsed: ParsedRequest, raw: bytes, model_id: str) -> bytes:
+    """The body to send to vLLM: the client's bytes unless usage must be requested or an alias replaced."""
+    body = parsed.body
+    changed = False
+    if parsed.model != model_id:
+        body["model"] = model_id
+        changed = True
+    if parsed.stream and not parsed.client_wants_usage:
+        opts = body.get("stream_options")
+        body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+        changed = True
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() if changed else raw
+
+
+# Documented request bodies for the OpenAPI schema (the handlers read the raw body themselves so that invalid
+# JSON is a 400 with an OpenAI error object, not FastAPI's 422).
+def openapi_body(endpoint: Endpoint) -> dict[str, Any]:
+    schema = _MODELS[endpoint].model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The project's one check, for developers and CI alike: set up .venv, then format, lint, types and tests.
+# Extra arguments go to pytest (e.g. scripts/test.sh -k e2e).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/dev-setup.sh
+export PATH="$PWD/.venv/bin:$PATH"
+echo "==> ruff format --check"; ruff format --check .
+echo "==> ruff check";          ruff check .
+echo "==> mypy --strict";       mypy
+echo "==> pytest";              pytest "$@"

@@ -1,0 +1,205 @@
+"""The commands as a user runs them, each in its own process: serve, emulate, up."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from gateway.supervisor import free_port
+from tests.servers import REPO, cli, histogram_quantile, metric
+
+
+def test_bad_config_exits_non_zero_naming_file_and_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("backends:\n  - name: b\n    base_url: nope\n    models: [m]\nmodels: [{id: m}]\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(bad)], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2
+    assert str(bad) in done.stderr and "backends[0].base_url" in done.stderr
+
+
+def test_serve_without_config_says_what_is_missing() -> None:
+    done = subprocess.run([sys.executable, "-m", "gateway", "serve"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "--config FILE or --backend URL" in done.stderr
+
+
+def test_serve_discovers_models_from_backends() -> None:
+    e1, e2, gw = free_port(), free_port(), free_port()
+    with (
+        cli("emulate", "--model", "Qwen/Qwen3-8B", "--port", str(e1), ready=f"http://127.0.0.1:{e1}/health"),
+        cli("emulate", "--model", "meta-llama/Llama-3.1-8B", "--port", str(e2), ready=f"http://127.0.0.1:{e2}/health"),
+        cli(
+            "serve", "--backend", f"qwen=http://127.0.0.1:{e1}/v1", "--backend", f"http://127.0.0.1:{e2}",
+            "--port", str(gw), ready=f"http://127.0.0.1:{gw}/ready",
+        ),
+    ):  # fmt: skip
+        models = httpx.get(f"http://127.0.0.1:{gw}/v1/models").json()["data"]
+        assert {(m["id"], m["family"], m["origin"], tuple(m["backends"])) for m in models} == {
+            ("Qwen/Qwen3-8B", "qwen3", "CN", ("qwen",)),
+            ("meta-llama/Llama-3.1-8B", "llama", "US", ("backend1",)),
+        }
+        emu = httpx.get(f"http://127.0.0.1:{e1}/v1/models").json()["data"][0]
+        assert emu["owned_by"] == "vllm-emulator"  # the emulator never passes for a model
+
+
+def test_gateway_timing_matches_the_emulators_ttft_and_itl(tmp_path: Path) -> None:
+    """Done-when of the core issue: TTFT 200 ms / ITL 20 ms upstream -> gateway median TTFT 200 +/- 10 ms and
+    median ITL 20 +/- 3 ms. Both run as separate processes, as deployed."""
+    emu, gw = free_port(), free_port()
+    config = tmp_path / "gw.yaml"
+    config.write_text(
+        f"models: [{{id: m, family: qwen3, origin: CN}}]\n"
+        f"backends: [{{name: emu, base_url: 'http://127.0.0.1:{emu}', models: [m]}}]\n"
+    )
+    emulate = ("emulate", "--model", "m", "--port", str(emu), "--ttft-ms", "200", "--itl-ms", "20")
+    with (
+        cli(*emulate, "--output-tokens", "20", ready=f"http://127.0.0.1:{emu}/health"),
+        cli("serve", "--config", str(config), "--port", str(gw), ready=f"http://127.0.0.1:{gw}/ready"),
+    ):
+        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gw}/v1", api_key="x", max_retries=0)
+
+        async def one() -> tuple[float, list[float]]:
+            t0 = time.perf_counter()
+            stamps = []
+            stream = await client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    stamps.append(time.perf_counter())
+            return stamps[0] - t0, [b - a for a, b in itertools.pairwise(stamps)]
+
+        async def rounds(k: int) -> list[tuple[float, list[float]]]:
+            results = []
+            for _ in range(k):  # rounds of 4 concurrent streams
+                results += await asyncio.gather(*(one() for _ in range(4)))
+            return results
+
+        async def run() -> tuple[str, list[tuple[float, list[float]]]]:
+            await rounds(1)  # warm-up: first connections on both hops, first-call costs in client and gateway
+            async with httpx.AsyncClient() as http:
+                before = (await http.get(f"http://127.0.0.1:{gw}/metrics")).text
+            results = await rounds(3)
+            await client.close()
+            return before, results
+
+        before, results = asyncio.run(run())
+        after = httpx.get(f"http://127.0.0.1:{gw}/metrics").text
+    labels = {"model": "m", "backend": "emu"}
+
+    def delta(name: str, **extra: str) -> float:
+        return metric(after, name, **labels, **extra) - metric(before, name, **labels, **extra)
+
+    n = delta("gateway_time_to_first_token_seconds_count")
+    assert n == 12
+    ttft_mean = delta("gateway_time_to_first_token_seconds_sum") / n
+    itl_n = delta("gateway_inter_token_latency_seconds_count")
+    assert itl_n == 12 * 19  # one sample per gap between the 20 tokens of each stream
+    itl_mean = delta("gateway_inter_token_latency_seconds_sum") / itl_n
+    # Every sample sits in the bucket around its target (so the median does too) and the mean is on target.
+    assert delta("gateway_time_to_first_token_seconds_bucket", le="0.1") == 0
+    assert delta("gateway_time_to_first_token_seconds_bucket", le="0.25") == n
+    assert delta("gateway_inter_token_latency_seconds_bucket", le="0.01") == 0
+    assert delta("gateway_inter_token_latency_seconds_bucket", le="0.025") == itl_n
+    assert abs(ttft_mean - 0.200) <= 0.010, ttft_mean
+    assert abs(itl_mean - 0.020) <= 0.003, itl_mean
+    client_ttft = statistics.median(t for t, _ in results)
+    client_itl = statistics.median(g for _, gaps in results for g in gaps)
+    assert abs(client_ttft - 0.200) <= 0.010 and abs(client_itl - 0.020) <= 0.003, (client_ttft, client_itl)
+    tpot_p50 = histogram_quantile(after, "gateway_time_per_output_token_seconds", 0.5, **labels)
+    assert 0.01 < tpot_p50 <= 0.025
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_up_serves_three_families_and_stops_everything(stop: signal.Signals) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "up", "--backends", "emulated", "--port", str(port)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "Gateway ready at" in line or not line:
+                break
+        output = "".join(lines)
+        assert f"Gateway ready at http://127.0.0.1:{port}/v1" in output, output
+        assert "emulators, not models" in output
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        families = set()
+        for model in client.models.list():
+            families.add(model.model_extra["family"] if model.model_extra else None)
+            chat = client.chat.completions.create(
+                model=model.id, messages=[{"role": "user", "content": "hi"}], max_tokens=3
+            )
+            assert chat.choices[0].message.content
+            chunks = list(client.completions.create(model=model.id, prompt="hi", max_tokens=3, stream=True))
+            assert "".join(c.choices[0].text for c in chunks if c.choices).strip()
+        assert families == {"qwen3", "deepseek", "llama"}
+        children = descendants(proc.pid)
+        assert len(children) >= 4  # three emulators and the gateway
+        proc.send_signal(stop)
+        rest = proc.communicate(timeout=30)[0]
+        assert proc.returncode == 0, rest
+        assert "All processes stopped." in rest
+        assert not [pid for pid in children if alive(pid)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_up_reports_a_busy_port() -> None:
+    port = free_port()
+    with cli("emulate", "--model", "x", "--port", str(port), ready=f"http://127.0.0.1:{port}/health"):
+        done = subprocess.run(
+            [sys.executable, "-m", "gateway", "up", "--port", str(port)], capture_output=True, text=True, timeout=30
+        )
+    assert done.returncode == 2 and re.search(r"port \d+ is already in use", done.stdout)

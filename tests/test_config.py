@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, guess_card, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+GOOD = """
+models:
+  - id: m1
+    family: qwen3
+    origin: CN
+    gpu: {type: L4, count: 2, usd_per_hour: 0.8}
+    aliases: [one]
+backends:
+  - name: b1
+    base_url: http://127.0.0.1:9/v1/
+    models: [m1]
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gw.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", ["config.emulated.yaml", "config.gpu.yaml"])
+def test_shipped_examples_load(name: str) -> None:
+    settings = load_settings(REPO / "deploy" / name)
+    assert {c.family for c in settings.models} == {"qwen3", "deepseek", "llama"}
+    assert {c.origin for c in settings.models} == {"CN", "US"}
+
+
+def test_good_config_and_derived_values(tmp_path: Path) -> None:
+    settings = load_settings(write(tmp_path, GOOD))
+    backend = settings.backends[0]
+    assert backend.base_url == "http://127.0.0.1:9"  # trailing /v1/ is the gateway's to add
+    assert settings.backend_cost_per_hour(backend) == pytest.approx(1.6)
+    assert backend.timeouts.connect == 5.0
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (GOOD.replace("http://127.0.0.1:9/v1/", "ftp://x"), "backends[0].base_url"),
+        (GOOD.replace("count: 2", "count: -1"), "models[0].gpu.count"),
+        (GOOD.replace("models: [m1]", "models: [m2]"), "serves 'm2', which has no model card"),
+        (GOOD.replace("name: b1", "name: b1\n    color: red"), "backends[0].color"),
+        (GOOD.replace("aliases: [one]", "aliases: [m1]"), "model name 'm1' is used by both"),
+        (GOOD + "  - name: b1\n    base_url: http://x\n    models: [m1]\n", "backend name 'b1' is used twice"),
+        (
+            GOOD + "  - {name: b2, base_url: 'http://x', models: [m1], timeouts: {read: 0}}\n",
+            "backends[1].timeouts.read",
+        ),
+        ("backends: []\n", "backends: List should have at least 1 item"),
+        ("just a string", "expected a mapping"),
+        ("models: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_names_file_and_field(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert str(path) in str(info.value)
+    assert expected in str(info.value)
+
+
+def test_model_without_backend(tmp_path: Path) -> None:
+    text = GOOD.replace("backends:", "  - id: orphan\nbackends:")
+    with pytest.raises(ConfigError, match="model 'orphan' has no backend serving it"):
+        load_settings(write(tmp_path, text))
+
+
+def test_api_key_comes_from_named_env_var(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, GOOD.replace("models: [m1]", "models: [m1]\n    api_key_env: B1_KEY"))
+    monkeypatch.delenv("B1_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"backends\[0\].api_key_env: environment variable B1_KEY is not set"):
+        load_settings(path)
+    monkeypatch.setenv("B1_KEY", "sk-secret")
+    assert load_settings(path).backends[0].api_key() == "sk-secret"
+
+
+def test_inline_key_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"backends\[0\].api_key"):
+        load_settings(write(tmp_path, GOOD.replace("models: [m1]", "models: [m1]\n    api_key: sk-inline")))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize(
+    ("model_id", "family", "origin"),
+    [("Qwen/Qwen3-8B", "qwen3", "CN"), ("deepseek-ai/DeepSeek-V3", "deepseek", "CN"),
+     ("meta-llama/Llama-3.1-8B-Instruct", "llama", "US"), ("mystery", "unknown", "unknown")],
+)  # fmt: skip
+def test_discovered_cards_are_guessed_from_the_id(model_id: str, family: str, origin: str) -> None:
+    card = guess_card(model_id)
+    assert (card.family, card.origin) == (family, origin)

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from gateway.config import parse_settings
+from gateway.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, Metrics
+from tests.conftest import card
+from tests.servers import metric
+
+VLLM_TTFT = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10, 20, 40, 80,
+             160, 640, 2560]  # fmt: skip
+VLLM_ITL = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5, 7.5, 10, 20, 40, 80]
+VLLM_E2E = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480, 960, 1920, 7680]
+
+
+def test_buckets_keep_vllm_boundaries() -> None:
+    assert list(TTFT_BUCKETS) == VLLM_TTFT
+    assert set(VLLM_ITL) <= set(ITL_BUCKETS) and min(ITL_BUCKETS) == 0.001
+    assert list(E2E_BUCKETS) == VLLM_E2E
+
+
+def test_label_sets_are_preinitialised_and_info_published() -> None:
+    settings = parse_settings(
+        {
+            "models": [card("a", "qwen3", "Alibaba", "CN"), card("b", "llama", "Meta", "US")],
+            "backends": [
+                {"name": "a1", "base_url": "http://x", "models": ["a"]},
+                {"name": "b1", "base_url": "http://y", "models": ["b"], "gpu": {"type": "L4", "usd_per_hour": 0.7}},
+            ],
+        },
+        "test",
+    )
+    metrics = Metrics(CollectorRegistry())
+    metrics.describe(settings)
+    text = generate_latest(metrics.registry).decode()
+    assert metric(text, "gateway_requests_total", model="a", backend="a1", endpoint="chat", status="200") == 0
+    assert metric(text, "gateway_time_to_first_token_seconds_count", model="b", backend="b1") == 0
+    assert metric(text, "gateway_upstream_errors_total", backend="b1", reason="timeout") == 0
+    assert metric(text, "gateway_cost_usd_total", model="a", backend="a1", basis="list_price") == 0
+    assert metric(text, "gateway_backend_cost_per_hour_usd", backend="a1") == 4.0  # card: 2 GPUs x $2
+    assert metric(text, "gateway_backend_cost_per_hour_usd", backend="b1") == 0.7  # backend's own GPU wins
+    assert metric(text, "gateway_model_info", model="a", family="qwen3", vendor="Alibaba", origin="CN") == 1
+    assert metric(text, "gateway_backend_info", backend="b1", model="b") == 1
+    assert "_created" not in text
+    assert ":" not in "".join(line.split("{")[0] for line in text.splitlines() if not line.startswith("#"))

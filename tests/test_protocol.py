@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gateway.errors import InvalidRequest
+from gateway.protocol import parse_request, upstream_body
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def raw(obj: object) -> bytes:
+    return json.dumps(obj).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "endpoint", "param"),
+    [
+        (b"{not json", "chat", None),
+        (b"\xff\xfe", "chat", None),
+        (raw([1, 2]), "chat", None),
+        (raw({"messages": []}), "chat", "model"),
+        (raw({**CHAT, "model": 7}), "chat", "model"),
+        (raw({**CHAT, "model": ""}), "chat", "model"),
+        (raw({**CHAT, "stream": "yes"}), "chat", "stream"),
+        (raw({**CHAT, "stream_options": {"include_usage": "true"}}), "chat", "stream_options.include_usage"),
+        (raw({"model": "m"}), "chat", "messages"),
+        (raw({**CHAT, "messages": []}), "chat", "messages"),
+        (raw({"model": "m"}), "completions", "prompt"),
+        (raw({"model": "m", "prompt": 5}), "completions", "prompt"),
+    ],
+)
+def test_invalid_requests_are_400_with_param(body: bytes, endpoint: str, param: str | None) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        parse_request(body, endpoint)  # type: ignore[arg-type]
+    assert info.value.status == 400
+    assert info.value.param == param
+    assert info.value.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_unknown_fields_reach_vllm_byte_for_byte() -> None:
+    body = (
+        b'{"model":"m", "messages":[{"role":"user","content":"hi"}], "top_k": 5, "guided_json": {"a": 1},'
+        b' "chat_template_kwargs": {"enable_thinking": false}}'
+    )
+    parsed = parse_request(body, "chat")
+    assert upstream_body(parsed, body, "m") is body  # untouched: not even re-serialised
+
+
+def test_stream_without_usage_asks_for_it_and_keeps_other_options() -> None:
+    body = raw({**CHAT, "stream": True, "stream_options": {"continuous_usage_stats": False}, "top_k": 3})
+    parsed = parse_request(body, "chat")
+    assert parsed.stream and not parsed.client_wants_usage
+    sent = json.loads(upstream_body(parsed, body, "m"))
+    assert sent["stream_options"] == {"continuous_usage_stats": False, "include_usage": True}
+    assert sent["top_k"] == 3
+
+
+def test_stream_with_usage_is_untouched() -> None:
+    body = raw({**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    parsed = parse_request(body, "chat")
+    assert parsed.client_wants_usage
+    assert upstream_body(parsed, body, "m") is body
+
+
+def test_alias_is_replaced_by_the_model_id() -> None:
+    body = raw({**CHAT, "model": "alias"})
+    assert json.loads(upstream_body(parse_request(body, "chat"), body, "real/id"))["model"] == "real/id"
+
+
+def test_completions_accept_token_ids_and_lists() -> None:
+    for prompt in ("text", ["a", "b"], [1, 2, 3]):
+        assert parse_request(raw({"model": "m", "prompt": prompt}), "completions").model == "m"
