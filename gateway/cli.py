@@ -13,6 +13,7 @@ import httpx
 
 from gateway.config import ConfigError, ServeEnv, Settings, guess_card, load_settings, parse_settings
 from gateway.supervisor import StartupError
+from gateway.vllm_cpu import SetupError
 
 
 def _serve_parser(sub: Any) -> None:
@@ -49,11 +50,24 @@ def _emulate_parser(sub: Any) -> None:
 
 
 def _up_parser(sub: Any) -> None:
-    p = sub.add_parser("up", help="start backends + gateway in one command; Ctrl-C stops everything")
+    p = sub.add_parser("up", help="start backends + gateway (+ Prometheus) in one command; Ctrl-C stops everything")
     p.add_argument("--backends", choices=["emulated", "vllm-cpu"], default="emulated")
     p.add_argument("--port", type=int, default=8000, help="gateway port")
-    p.add_argument("--config", type=Path, help="config whose backends to start (default: deploy/ example)")
+    p.add_argument("--config", type=Path, help="config whose backends to start (default: the deploy/ example)")
     p.add_argument("--run-dir", type=Path, help="where logs and generated configs go (default: a temp dir)")
+    p.add_argument(
+        "--prometheus",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start a Prometheus scraping everything (default: on for vllm-cpu, off for emulated)",
+    )
+    p.add_argument("--prometheus-port", type=int, default=9090)
+    p.add_argument(
+        "--compare",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="send the built-in prompts to every model and print a table (default: on for vllm-cpu)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,10 +164,18 @@ def emulate(args: argparse.Namespace) -> int:
 def up(args: argparse.Namespace) -> int:
     from gateway import stack
 
-    if args.backends == "vllm-cpu":
-        print("error: --backends vllm-cpu is not available yet; use --backends emulated", file=sys.stderr)
-        return 2
-    return stack.up_emulated(args.config or stack.DEFAULT_EMULATED_CONFIG, args.port, args.run_dir)
+    kind = args.backends
+    default = kind == "vllm-cpu"
+    opts = stack.Options(
+        kind=kind,
+        config=args.config or stack.DEFAULT_CONFIG[kind],
+        port=args.port,
+        run_dir=args.run_dir,
+        prometheus=default if args.prometheus is None else args.prometheus,
+        prometheus_port=args.prometheus_port,
+        compare=default if args.compare is None else args.compare,
+    )
+    return stack.up(opts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except StartupError as exc:
+    except (StartupError, SetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

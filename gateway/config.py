@@ -72,6 +72,14 @@ class EmulatorSpec(Strict):
     batch_size: Annotated[int, Field(ge=1)] = 64
 
 
+class VllmCpuSpec(Strict):
+    """How ``gateway up --backends vllm-cpu`` starts this backend: vLLM's CPU build serving a tiny local model."""
+
+    family: Literal["qwen3", "deepseek", "llama"]
+    max_model_len: Annotated[int, Field(ge=64)] = 1024
+    extra_args: list[str] = Field(default_factory=list)
+
+
 class BackendConfig(Strict):
     name: Annotated[str, Field(pattern=NAME_PATTERN)]
     base_url: str
@@ -81,6 +89,7 @@ class BackendConfig(Strict):
     max_connections: Annotated[int, Field(ge=1)] = 2048
     gpu: Gpu | None = Field(default=None, description="overrides the model card's GPU for this replica")
     emulator: EmulatorSpec | None = None
+    vllm_cpu: VllmCpuSpec | None = None
 
     @field_validator("base_url")
     @classmethod

@@ -283,12 +283,16 @@ class Emulator:
         return JSONResponse(payload, headers=headers)
 
     def _finished(self, reason: str, start: float, first: float | None, n: int, prompt_tokens: int) -> None:
+        """Engine accounting as vLLM 0.32 does it: tokens always; an aborted request (the client left) is not a
+        success of any kind and has no E2E (see tests/vllm_facts.md), only the tokens it made so far."""
         m = self.metrics
-        now = time.perf_counter()
-        m.success.labels(self.config.model, "0", reason).inc()
         m.prompt_tokens.inc(prompt_tokens)
         m.generation_tokens.inc(n)
         m.prefix_queries.inc(prompt_tokens)
+        if reason == "abort":
+            return
+        now = time.perf_counter()
+        m.success.labels(self.config.model, "0", reason).inc()
         m.e2e.observe(now - start)
         m.queue.observe(0.0)
         m.req_prompt.observe(prompt_tokens)
@@ -311,41 +315,35 @@ class Emulator:
         start: float,
     ) -> AsyncIterator[bytes]:
         cfg, m = self.config, self.metrics
-        created = int(time.time())
-        model = json.dumps(cfg.model)
         kind = "chat.completion.chunk" if chat else "text_completion"
-        head = f'data: {{"id":"{rid}","object":"{kind}","created":{created},"model":{model},'.encode()
-        if chat:  # (before, after) the JSON-encoded token; the last chunk carries the finish reason
-            piece = (
-                head + b'"choices":[{"index":0,"delta":{"content":',
-                b'},"logprobs":null,"finish_reason":null}]}\n\n',
-            )
-            last = (
-                head + b'"choices":[{"index":0,"delta":{"content":""},"logprobs":null,"finish_reason":"%s",'
-                b'"stop_reason":null}]}\n\n'
-            )
+        head = f'data: {{"id":"{rid}","object":"{kind}","created":{int(time.time())},"model":{json.dumps(cfg.model)},'
+        # vLLM 0.32's shapes: a token chunk is before + the JSON-encoded token + after; the last token's chunk
+        # carries the finish reason (and the system fingerprint when no usage chunk follows).
+        fingerprint = f',"system_fingerprint":"{EMULATOR}"'
+        if chat:
+            before = head + '"choices":[{"index":0,"delta":{"content":'
+            after = '},"logprobs":null,"finish_reason":null,"token_ids":null}]}\n\n'
+            after_last = '},"logprobs":null,"finish_reason":"%s","stop_reason":null,"token_ids":null}]'
         else:
-            piece = (
-                head + b'"choices":[{"index":0,"text":',
-                b',"logprobs":null,"finish_reason":null,"stop_reason":null}]}\n\n',
-            )
-            last = (
-                head + b'"choices":[{"index":0,"text":"","logprobs":null,"finish_reason":"%s","stop_reason":null}]}\n\n'
-            )
+            before = head + '"choices":[{"index":0,"text":'
+            after = ',"logprobs":null,"finish_reason":null,"stop_reason":null,"token_ids":null}]}\n\n'
+            after_last = ',"logprobs":null,"finish_reason":"%s","stop_reason":null,"token_ids":null}]'
+        after_last = after_last % finish + ("" if include_usage else fingerprint) + "}\n\n"
         n = len(tokens)
         self.running += 1
         m.running.set(self.running)
         first: float | None = None
+        sent = 0
         reason = "abort"
         break_at = n // 2 if n > 1 else None
         drop = cfg.drop_rate and self.rng.random() < cfg.drop_rate
         error = cfg.stream_error_rate and self.rng.random() < cfg.stream_error_rate
         try:
             if chat:
-                yield head + (
-                    b'"choices":[{"index":0,"delta":{"role":"assistant","content":""},'
-                    b'"logprobs":null,"finish_reason":null}]}\n\n'
-                )
+                yield (
+                    head + '"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,'
+                    '"finish_reason":null}],"prompt_token_ids":null,"prompt_text":null}\n\n'
+                ).encode()
             due = start
             prev = None
             for i, token in enumerate(tokens):
@@ -367,22 +365,21 @@ class Emulator:
                 elif prev is not None:
                     m.itl.observe(now - prev)
                 prev = now
-                yield piece[0] + json.dumps(token).encode() + piece[1]
-            yield last % finish.encode()
+                sent = i + 1
+                yield (before + json.dumps(token) + (after_last if sent == n else after)).encode()
             if include_usage:
-                usage = {
-                    "prompt_tokens": prompt_tokens,
-                    "total_tokens": prompt_tokens + n,
-                    "completion_tokens": n,
-                }
-                yield head + b'"choices":[],"usage":' + json.dumps(usage, separators=(",", ":")).encode() + b"}\n\n"
+                usage = json.dumps(
+                    {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + n, "completion_tokens": n},
+                    separators=(",", ":"),
+                )
+                yield (head + '"choices":[],"usage":' + usage + fingerprint + "}\n\n").encode()
             yield b"data: [DONE]\n\n"
             reason = finish
         finally:
             self.running -= 1
             m.running.set(self.running)
             if reason != "error":
-                self._finished(reason, start, first, n if reason != "abort" else 0, prompt_tokens)
+                self._finished(reason, start, first, sent, prompt_tokens)
 
 
 def create_emulator_app(config: EmulatorConfig, registry: CollectorRegistry | None = None) -> Starlette:

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -81,25 +82,36 @@ class Supervisor:
         self.children.append(child)
         return child
 
+    def probe(self, child: Child, url: str, accept: Callable[[int], bool] | None = None) -> bool:
+        """Is ``child`` answering at ``url``? Raises StartupError if it has exited."""
+        if child.process.poll() is not None:
+            raise StartupError(
+                f"{child.name} exited with code {child.process.returncode} before it was ready; "
+                f"last lines of {child.log}:\n{child.tail()}"
+            )
+        try:
+            status = httpx.get(url, timeout=2.0).status_code
+        except httpx.HTTPError:
+            return False
+        return accept(status) if accept else status == 200
+
     def wait_ready(
         self, child: Child, url: str, timeout: float, *, accept: Callable[[int], bool] | None = None
     ) -> None:
         """Poll ``url`` until it answers 200 (or ``accept(status)``); fail early if the child exits."""
-        ok = accept or (lambda status: status == 200)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if child.process.poll() is not None:
-                raise StartupError(
-                    f"{child.name} exited with code {child.process.returncode} before it was ready; "
-                    f"last lines of {child.log}:\n{child.tail()}"
-                )
-            with contextlib.suppress(httpx.HTTPError):
-                if ok(httpx.get(url, timeout=2.0).status_code):
-                    return
+        while not self.probe(child, url, accept):
+            if time.monotonic() > deadline:
+                raise StartupError(f"{child.name} was not ready at {url} after {timeout:.0f} s; see {child.log}")
             time.sleep(0.2)
-        raise StartupError(f"{child.name} was not ready at {url} after {timeout:.0f} s; see {child.log}")
 
     def stop(self, grace: float = 10.0) -> None:
+        """Stop every child (SIGTERM to its group, SIGKILL after ``grace``). A second Ctrl-C / SIGTERM during
+        this does not interrupt it: it is bounded, and leaving it half-way would leave processes behind."""
+        with _signals_ignored():
+            self._stop(grace)
+
+    def _stop(self, grace: float) -> None:
         for child in reversed(self.children):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child.process.pid, signal.SIGTERM)
@@ -116,6 +128,19 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child.process.pid, signal.SIGKILL)
         self.children.clear()
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @contextlib.contextmanager

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import queue
 import re
 import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -118,9 +120,41 @@ def test_gateway_timing_matches_the_emulators_ttft_and_itl(tmp_path: Path) -> No
     assert abs(itl_mean - 0.020) <= 0.003, itl_mean
     client_ttft = statistics.median(t for t, _ in results)
     client_itl = statistics.median(g for _, gaps in results for g in gaps)
-    assert abs(client_ttft - 0.200) <= 0.010 and abs(client_itl - 0.020) <= 0.003, (client_ttft, client_itl)
+    # The client's view includes its own SDK and both hops: it can only be later than the gateway's, not by much.
+    assert ttft_mean - 0.002 <= client_ttft <= ttft_mean + 0.025, (client_ttft, ttft_mean)
+    assert abs(client_itl - 0.020) <= 0.003, client_itl
     tpot_p50 = histogram_quantile(after, "gateway_time_per_output_token_seconds", 0.5, **labels)
     assert 0.01 < tpot_p50 <= 0.025
+
+
+class Output:
+    """Reads a process's output in a thread, so waiting for a line never blocks past a deadline."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen = ""
+        self.thread = threading.Thread(target=self._pump, args=(proc,), daemon=True)
+        self.thread.start()
+
+    def _pump(self, proc: subprocess.Popen[str]) -> None:
+        for line in proc.stdout or []:
+            self.lines.put(line)
+
+    def until(self, marker: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while marker not in self.seen:
+            try:
+                self.seen += self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no {marker!r} after {timeout} s; output so far:\n{self.seen}") from None
+        return self.seen
+
+    def rest(self) -> str:
+        """Everything after the process has exited."""
+        self.thread.join(10)
+        while not self.lines.empty():
+            self.seen += self.lines.get()
+        return self.seen
 
 
 def descendants(pid: int) -> set[int]:
@@ -162,15 +196,9 @@ def test_up_serves_three_families_and_stops_everything(stop: signal.Signals) -> 
     )
     assert proc.stdout is not None
     try:
-        lines = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if "Gateway ready at" in line or not line:
-                break
-        output = "".join(lines)
-        assert f"Gateway ready at http://127.0.0.1:{port}/v1" in output, output
+        out = Output(proc)
+        output = out.until("gateway ready at", timeout=60)
+        assert f"gateway ready at http://127.0.0.1:{port}/v1" in output, output
         assert "emulators, not models" in output
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         families = set()
@@ -186,7 +214,8 @@ def test_up_serves_three_families_and_stops_everything(stop: signal.Signals) -> 
         children = descendants(proc.pid)
         assert len(children) >= 4  # three emulators and the gateway
         proc.send_signal(stop)
-        rest = proc.communicate(timeout=30)[0]
+        proc.wait(30)
+        rest = out.rest()
         assert proc.returncode == 0, rest
         assert "All processes stopped." in rest
         assert not [pid for pid in children if alive(pid)]
@@ -194,6 +223,7 @@ def test_up_serves_three_families_and_stops_everything(stop: signal.Signals) -> 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        proc.stdout.close()
 
 
 def test_up_reports_a_busy_port() -> None:

@@ -28,7 +28,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["config.emulated.yaml", "config.gpu.yaml"])
+@pytest.mark.parametrize("name", ["config.emulated.yaml", "config.gpu.yaml", "config.vllm-cpu.yaml"])
 def test_shipped_examples_load(name: str) -> None:
     settings = load_settings(REPO / "deploy" / name)
     assert {c.family for c in settings.models} == {"qwen3", "deepseek", "llama"}

@@ -1,0 +1,60 @@
+"""The README's main command end to end: `gateway up --backends vllm-cpu` brings up three real vLLM servers, the
+gateway and Prometheus, prints the side-by-side comparison, serves, and on SIGTERM leaves no process behind."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+
+from gateway import vllm_cpu
+from gateway.supervisor import free_port
+from tests.servers import REPO
+from tests.test_cli import Output, alive, descendants
+
+pytestmark = pytest.mark.vllm
+
+
+def test_up_vllm_cpu_runs_the_main_job_and_stops_everything() -> None:
+    if not vllm_cpu.python().exists():
+        pytest.fail(f"vLLM CPU build missing at {vllm_cpu.VENV}: run scripts/test.sh (it installs it)")
+    port, prom_port = free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "up", "--backends", "vllm-cpu", "--port", str(port),
+         "--prometheus-port", str(prom_port)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        out = Output(proc)
+        text = out.until("until Ctrl-C", timeout=600)
+        assert f"gateway ready at http://127.0.0.1:{port}/v1" in text
+        assert f"Prometheus at http://127.0.0.1:{prom_port}" in text, text
+        # the comparison table: one row per family, every prompt answered, numbers in every column
+        for model in ("tiny-qwen3", "tiny-deepseek", "tiny-llama"):
+            row = re.search(rf"^{model}\s+(CN|US)\s+(\d+)/(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", text, re.M)
+            assert row, f"no comparison row for {model}:\n{text}"
+            assert row.group(2) == row.group(3) == "4"
+        targets = httpx.get(f"http://127.0.0.1:{prom_port}/api/v1/targets").json()["data"]["activeTargets"]
+        assert sorted(t["labels"]["job"] for t in targets) == ["gateway", "vllm", "vllm", "vllm"]
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        reply = client.chat.completions.create(
+            model="deepseek", messages=[{"role": "user", "content": "hi"}], max_tokens=5
+        )
+        assert reply.model == "tiny-deepseek" and reply.choices[0].message.content
+        children = descendants(proc.pid)
+        assert len(children) >= 5  # three vLLM servers (and their engine processes), the gateway, Prometheus
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        assert proc.returncode == 0 and "All processes stopped." in out.rest()
+        assert not [pid for pid in children if alive(pid)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
