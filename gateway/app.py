@@ -20,7 +20,9 @@ from gateway.backends import BackendPool
 from gateway.config import Settings
 from gateway.errors import GatewayError, InvalidRequest, NotFound, ServerError
 from gateway.metrics import Metrics
+from gateway.mirror import Mirror
 from gateway.proxy import Recorder
+from gateway.store import Store
 
 
 @dataclass(slots=True)
@@ -31,6 +33,8 @@ class Gateway:
     metrics: Metrics
     pool: BackendPool
     recorder: Recorder
+    store: Store
+    mirror: Mirror
     started: int
 
 
@@ -58,12 +62,16 @@ def create_app(
     registry: CollectorRegistry | None = None,
 ) -> FastAPI:
     """Build the gateway. ``transports`` (by backend name) and ``registry`` are seams for tests."""
-    from gateway.api import openai, ops
+    from gateway.api import compare, openai, ops, ui
 
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     metrics.describe(settings)
     pool = BackendPool(settings, metrics, transports)
-    gateway = Gateway(settings, metrics, pool, Recorder(metrics), int(time.time()))
+    store = Store(settings.gateway.results_db)
+    recorder = Recorder(metrics)
+    mirror = Mirror(settings, pool, metrics, store)
+    recorder.on_pair = mirror.record_primary
+    gateway = Gateway(settings, metrics, pool, recorder, store, mirror, int(time.time()))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -71,7 +79,9 @@ def create_app(
         try:
             yield
         finally:
+            await mirror.close()
             await pool.close()
+            store.close()
 
     app = FastAPI(
         title="LLM comparison gateway",
@@ -82,7 +92,9 @@ def create_app(
     )
     app.state.gateway = gateway
     app.include_router(openai.router)
+    app.include_router(compare.router)
     app.include_router(ops.router)
+    app.include_router(ui.router)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:

@@ -70,12 +70,25 @@ def _up_parser(sub: Any) -> None:
     )
 
 
+def _compare_parser(sub: Any) -> None:
+    p = sub.add_parser("compare", help="run identical prompts against several models and write a report")
+    p.add_argument("--prompts", default="builtin", help="a JSONL file (prompt or messages per line) or 'builtin'")
+    p.add_argument("--models", default="all", help="comma-separated model ids or aliases, or 'all'")
+    p.add_argument("--out", type=Path, required=True, help="directory for report.html, results.csv, summary.md")
+    p.add_argument("--gateway", default="http://127.0.0.1:8000", help="the gateway's URL")
+    p.add_argument("--concurrency", type=int, default=1, help="calls in flight at once (default 1: no contention)")
+    p.add_argument("--repeat", type=int, default=1, help="times each prompt is sent to each model")
+    p.add_argument("--max-tokens", type=int, default=64, help="max_tokens unless a prompt sets its own")
+    p.add_argument("--baseline", help="model the others are compared with (default: the first US model)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _emulate_parser(sub)
     _up_parser(sub)
+    _compare_parser(sub)
     return parser
 
 
@@ -178,6 +191,50 @@ def up(args: argparse.Namespace) -> int:
     return stack.up(opts)
 
 
+def compare_run(args: argparse.Namespace) -> int:
+    from gateway import compare, report
+    from gateway.store import Store
+
+    url = args.gateway.rstrip("/").removesuffix("/v1")
+    if args.concurrency < 1 or args.repeat < 1 or args.max_tokens < 1:
+        print("error: --concurrency, --repeat and --max-tokens must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        prompts = compare.load_prompts(args.prompts)
+        listed = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+    except compare.PromptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (httpx.HTTPError, ValueError, KeyError) as exc:
+        print(f"error: cannot list models at {url}/v1/models: {exc}", file=sys.stderr)
+        return 1
+    names = {m["id"]: m["id"] for m in listed} | {a: m["id"] for m in listed for a in m.get("aliases", [])}
+    wanted = list(names.values()) if args.models == "all" else [m.strip() for m in args.models.split(",")]
+    unknown = [m for m in wanted if m not in names]
+    if unknown:
+        print(f"error: unknown model(s) {', '.join(unknown)}; the gateway serves {', '.join(sorted(names))}")
+        return 2
+    models = list(dict.fromkeys(names[m] for m in wanted))
+    cards = compare.fetch_cards(url)
+    total = len(models) * len(prompts) * args.repeat
+    print(f"{len(prompts)} prompts x {len(models)} models x {args.repeat} -> {total} calls via {url}", flush=True)
+    results = compare.run(
+        url, models, prompts, max_tokens=args.max_tokens, concurrency=args.concurrency, repeat=args.repeat,
+        progress=compare.progress_bar,
+    )  # fmt: skip
+    compare.add_list_cost(results, cards)
+    args.out.mkdir(parents=True, exist_ok=True)
+    store = Store(args.out / "results.sqlite")
+    store.add(results)
+    store.close()
+    paths = report.write_report(results, cards, args.out, baseline=args.baseline)
+    print()
+    print(compare.table(results, cards))
+    print(f"\nwrote {paths.html}, {paths.csv}, {paths.markdown} and {args.out / 'results.sqlite'}")
+    failed = sum(1 for r in results if r.error)
+    return 1 if failed == len(results) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -185,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args)
         if args.command == "emulate":
             return emulate(args)
+        if args.command == "compare":
+            return compare_run(args)
         return up(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

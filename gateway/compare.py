@@ -1,145 +1,244 @@
-"""Identical prompts to several models through the gateway, measured from the client's side.
+"""Comparison runs: every prompt to every model through the gateway, as users call it, measured client-side.
 
-Each call is a streamed chat completion with ``stream_options.include_usage`` so token counts come from vLLM. The
-timings use the same definitions as the gateway's metrics (``streaming.StreamObserver``): TTFT to the first
-token-bearing chunk, TPOT = (E2E - TTFT) / (completion_tokens - 1).
+Each call is an ordinary streamed ``/v1/chat/completions`` request with ``stream_options.include_usage`` (token
+counts come from vLLM). Timings use the gateway's own definitions (``streaming.StreamObserver``): TTFT to the
+first token-bearing chunk, TPOT = (E2E - TTFT) / (completion_tokens - 1). Calls are paired across models by
+(prompt id, repeat): the request bodies are identical but for ``model``.
 """
 
 from __future__ import annotations
 
-import statistics
+import asyncio
+import json
+import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import httpx
 
 from gateway.config import ModelCard
-from gateway.cost import gpu_usd_per_1m_output
+from gateway.cost import list_price_usd
+from gateway.store import CallResult
 from gateway.streaming import SSEFramer, StreamObserver
 
-BUILTIN_PROMPTS: tuple[tuple[str, str], ...] = (
-    ("short chat", "Give me three tips for writing clear documentation."),
-    ("chinese", "请用三句话介绍一下长城的历史。"),
-    ("code", "Write a Python function that checks whether a string is a palindrome."),
-    ("reasoning", "A train leaves at 9:40 and arrives at 13:05. How long is the trip? Explain briefly."),
+_ARTICLE = (
+    "The Grand Canal of China, begun in the fifth century BC and extended under the Sui dynasty, links Beijing "
+    "with Hangzhou over some 1,800 kilometres. For centuries it carried grain from the fertile south to the "
+    "capital in the north, and with the grain travelled merchants, officials, poets and ideas. Its locks and "
+    "embankments were rebuilt again and again after floods, and whole cities such as Yangzhou and Suzhou grew "
+    "rich along its banks. When the Yellow River changed course in the nineteenth century and railways and "
+    "coastal shipping arrived, long stretches of the canal silted up and fell out of use. In recent decades "
+    "parts of it have been dredged again, to move coal and building materials cheaply and, through the "
+    "South-North Water Transfer Project, to carry water to the dry north. In 2014 it was listed as a World "
+    "Heritage Site, which brought new attention to the old towns, bridges and warehouses along its route, and "
+    "also new debate about how to balance tourism, shipping and the daily life of the people who live beside it."
 )
 
+BUILTIN: tuple[dict[str, str], ...] = (
+    {"id": "chat-1", "category": "short chat", "prompt": "Give me three tips for writing clear documentation."},
+    {"id": "chat-2", "category": "short chat", "prompt": "What should I pack for a weekend hiking trip?"},
+    {"id": "summary-1", "category": "long-context summary",
+     "prompt": f"Summarise the following text in three sentences.\n\n{_ARTICLE}\n\n{_ARTICLE}"},
+    {"id": "code-1", "category": "code",
+     "prompt": "Write a Python function that checks whether a string is a palindrome, with a docstring."},
+    {"id": "code-2", "category": "code", "prompt": "Explain what this SQL does: SELECT origin, COUNT(*) FROM "
+     "models GROUP BY origin HAVING COUNT(*) > 1;"},
+    {"id": "reasoning-1", "category": "reasoning",
+     "prompt": "A train leaves at 9:40 and arrives at 13:05. How long is the trip? Explain step by step."},
+    {"id": "zh-1", "category": "chinese", "prompt": "请用三句话介绍一下长城的历史。"},
+    {"id": "zh-2", "category": "chinese",
+     "prompt": "请解释一下什么是混合专家模型（MoE），以及它为什么能降低推理成本。"},  # noqa: RUF001
+)  # fmt: skip
 
-@dataclass(slots=True)
-class Measurement:
-    model: str
-    prompt: str
-    ttft_s: float | None
-    tpot_s: float | None
-    e2e_s: float | None
-    prompt_tokens: int
-    completion_tokens: int
-    text: str
-    error: str | None = None
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    id: str
+    category: str
+    messages: list[dict[str, Any]]
+    max_tokens: int | None = None
 
 
-def measure(client: httpx.Client, url: str, model: str, prompt: str, max_tokens: int) -> Measurement:
+class PromptError(Exception):
+    """A prompt file that cannot be used; the message names the file and the line."""
+
+
+def builtin_prompts() -> list[Prompt]:
+    return [Prompt(p["id"], p["category"], [{"role": "user", "content": p["prompt"]}]) for p in BUILTIN]
+
+
+def load_prompts(source: str) -> list[Prompt]:
+    """``builtin`` or a JSONL file: one object per line with ``prompt`` (text) or ``messages``, and optionally
+    ``id``, ``category`` and ``max_tokens``."""
+    if source == "builtin":
+        return builtin_prompts()
+    path = Path(source)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise PromptError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    prompts: list[Prompt] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise PromptError(f"{path}:{n}: not JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise PromptError(f"{path}:{n}: expected an object")
+        messages = obj.get("messages")
+        if messages is None and isinstance(obj.get("prompt"), str):
+            messages = [{"role": "user", "content": obj["prompt"]}]
+        if not isinstance(messages, list) or not messages:
+            raise PromptError(f"{path}:{n}: needs 'prompt' (a string) or 'messages' (a non-empty list)")
+        max_tokens = obj.get("max_tokens")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise PromptError(f"{path}:{n}: max_tokens must be a positive integer")
+        prompts.append(Prompt(str(obj.get("id", f"p{n}")), str(obj.get("category", "")), messages, max_tokens))
+    if not prompts:
+        raise PromptError(f"{path}: no prompts")
+    ids = [p.id for p in prompts]
+    if len(set(ids)) != len(ids):
+        raise PromptError(f"{path}: prompt ids must be unique")
+    return prompts
+
+
+async def call(
+    client: httpx.AsyncClient, url: str, model: str, prompt: Prompt, max_tokens: int, comparison_id: str, repeat: int
+) -> CallResult:
     body = {
         "model": model,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": max_tokens,
+        "messages": prompt.messages,
+        "max_tokens": prompt.max_tokens or max_tokens,
         "temperature": 0.0,
-        "seed": 0,
+        "seed": repeat,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    result = CallResult(comparison_id, "run", model, prompt.id, prompt.category, repeat, created_at=time.time())
     obs = StreamObserver(t0=time.perf_counter(), keep_text=True)
     framer = SSEFramer()
     try:
-        with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            result.backend = response.headers.get("x-gateway-backend")
             if response.status_code != 200:
-                response.read()
-                return Measurement(model, prompt, None, None, None, 0, 0, "", f"HTTP {response.status_code}: "
-                                   f"{response.text[:200]}")  # fmt: skip
-            for data in response.iter_raw():
+                raw = await response.aread()
+                try:
+                    result.error = f"HTTP {response.status_code}: {json.loads(raw)['error']['message']}"
+                except (ValueError, KeyError, TypeError):
+                    result.error = f"HTTP {response.status_code}: {raw[:200]!r}"
+                return result
+            async for data in response.aiter_raw():
                 for event in framer.feed(data):
                     obs.observe(event)
     except httpx.HTTPError as exc:
-        return Measurement(model, prompt, None, None, None, 0, 0, "", f"{type(exc).__name__}: {exc}")
-    usage = obs.usage
-    error = None
+        result.error = f"{type(exc).__name__}: {exc}"
+        return result
+    result.ttft_s, result.tpot_s, result.e2e_s = obs.ttft, obs.tpot, obs.e2e
+    result.output_tps = 1.0 / obs.tpot if obs.tpot else None
+    result.finish_reason = obs.finish_reason
+    result.text = "".join(obs.text)
+    if obs.usage:
+        result.prompt_tokens, result.completion_tokens = obs.usage.prompt_tokens, obs.usage.completion_tokens
     if obs.error is not None:
-        error = str(obs.error.get("message", obs.error))
+        result.error = str(obs.error.get("message", obs.error))
+    elif not obs.done:
+        result.error = "the stream ended without [DONE]"
     elif obs.first_token is None:
-        error = "no token-bearing chunk: the model produced no visible text"
-    return Measurement(
-        model,
-        prompt,
-        obs.ttft,
-        obs.tpot,
-        obs.e2e,
-        usage.prompt_tokens if usage else 0,
-        usage.completion_tokens if usage else 0,
-        "".join(obs.text),
-        error,
-    )
+        result.error = "no token-bearing chunk: the model produced no visible text"
+    return result
 
 
-def run(
+def progress_bar(done: int, total: int, errors: int, started: float) -> None:
+    width = 30
+    filled = int(width * done / total) if total else width
+    line = f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} calls, {errors} errors, "
+    print(line + f"{time.monotonic() - started:.0f} s", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+
+async def run_async(
     url: str,
     models: Sequence[str],
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     *,
     max_tokens: int = 64,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[Measurement]:
-    """Every prompt to every model, one call at a time (so no call competes with another)."""
-    out: list[Measurement] = []
-    total = len(models) * len(prompts)
-    with httpx.Client(timeout=httpx.Timeout(connect=5.0, read=120.0, write=30.0, pool=5.0)) as client:
-        for prompt in prompts:
-            for model in models:
-                out.append(measure(client, url, model, prompt, max_tokens))
-                if progress:
-                    progress(len(out), total)
-    return out
+    concurrency: int = 1,
+    repeat: int = 1,
+    comparison_id: str | None = None,
+    progress: Callable[[int, int, int, float], None] | None = None,
+) -> list[CallResult]:
+    """Every (prompt, repeat) to every model; at most ``concurrency`` calls at once, in prompt-major order so
+    every model meets the same load."""
+    cid = comparison_id or f"run-{uuid.uuid4().hex[:12]}"
+    jobs = [(p, r, m) for r in range(repeat) for p in prompts for m in models]
+    results: list[CallResult] = []
+    gate = asyncio.Semaphore(max(1, concurrency))
+    started = time.monotonic()
+    timeout = httpx.Timeout(connect=5.0, read=300.0, write=30.0, pool=300.0)
+    limits = httpx.Limits(max_connections=max(1, concurrency) + 4)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+
+        async def one(prompt: Prompt, rep: int, model: str) -> None:
+            async with gate:
+                result = await call(client, url, model, prompt, max_tokens, cid, rep)
+            results.append(result)
+            if progress:
+                progress(len(results), len(jobs), sum(1 for r in results if r.error), started)
+
+        await asyncio.gather(*(one(*job) for job in jobs))
+    order = {(p.id, r, m): i for i, (p, r, m) in enumerate(jobs)}
+    return sorted(results, key=lambda r: order[(r.prompt_id, r.repeat, r.model)])
 
 
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
+def run(url: str, models: Sequence[str], prompts: Sequence[Prompt], **kwargs: Any) -> list[CallResult]:
+    return asyncio.run(run_async(url, models, prompts, **kwargs))
+
+
+def fetch_cards(url: str) -> dict[str, ModelCard]:
+    """The gateway's model cards, from its /v1/models."""
+    data = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+    return {m["id"]: ModelCard.model_validate(m["card"]) for m in data if "card" in m}
+
+
+def add_list_cost(results: Sequence[CallResult], cards: dict[str, ModelCard]) -> None:
+    for r in results:
+        card = cards.get(r.model)
+        if card is not None:
+            r.family, r.origin = card.family, card.origin
+            if card.list_price is not None and r.ok:
+                r.cost_list_usd = list_price_usd(card.list_price, r.prompt_tokens, r.completion_tokens)
 
 
 def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
     return "-" if value is None else f"{value * scale:.{digits}f}"
 
 
-def table(results: Sequence[Measurement], cards: dict[str, ModelCard]) -> str:
-    """Side-by-side per model: medians of TTFT and TPOT, output speed, tokens and $ per 1M output tokens."""
+def table(results: Sequence[CallResult], cards: dict[str, ModelCard]) -> str:
+    """Side by side per model, for a terminal: the same rows and numbers as the report's summary."""
+    from gateway.report import model_rows
+
     header = (
-        f"{'model':<22} {'origin':<6} {'ok':>5} {'TTFT p50 ms':>12} {'TPOT p50 ms':>12} {'out tok/s':>10} "
-        f"{'tokens in/out':>14} {'$/1M out (GPU)':>15} {'$/1M out (list)':>16}"
+        f"{'model':<26} {'origin':<6} {'ok':>5} {'TTFT p50 ms':>12} {'TPOT p50 ms':>12} {'out tok/s':>10} "
+        f"{'tokens in/out':>14} {'served tok/s':>13} {'$/1M out (GPU)':>15} {'$/1M out (list)':>16}"
     )
     lines = [header, "-" * len(header)]
-    for model in dict.fromkeys(r.model for r in results):
-        rows = [r for r in results if r.model == model]
-        good = [r for r in rows if r.error is None]
-        tokens_out = sum(r.completion_tokens for r in good)
-        decode_s = sum((r.e2e_s or 0) - (r.ttft_s or 0) for r in good)
-        decode_tokens = sum(max(0, r.completion_tokens - 1) for r in good)
-        speed = decode_tokens / decode_s if decode_s > 0 else None
-        card = cards.get(model)
-        per_hour = card.gpu.cost_per_hour_usd if card and card.gpu else None
-        gpu_cost = gpu_usd_per_1m_output(per_hour, speed) if per_hour is not None and speed else None
-        list_cost = card.list_price.output_per_1m if card and card.list_price else None
+    for row in model_rows(results, cards):
+        ttft, tpot = (row.ttft.p50 if row.ttft else None), (row.tpot.p50 if row.tpot else None)
         lines.append(
-            f"{model:<22} {(card.origin if card else '?'):<6} {len(good):>2}/{len(rows):<2} "
-            f"{_fmt(_median([r.ttft_s for r in good if r.ttft_s is not None]), 1000):>12} "
-            f"{_fmt(_median([r.tpot_s for r in good if r.tpot_s is not None]), 1000, 2):>12} "
-            f"{_fmt(speed):>10} "
-            f"{sum(r.prompt_tokens for r in good):>6}/{tokens_out:<7} "
-            f"{_fmt(gpu_cost, digits=2):>15} {_fmt(list_cost, digits=2):>16}"
+            f"{row.name:<26} {row.origin:<6} {row.ok:>2}/{row.total:<2} "
+            f"{_fmt(ttft, 1000):>12} {_fmt(tpot, 1000, 2):>12} "
+            f"{_fmt(row.output_tps):>10} {row.prompt_tokens:>6}/{row.completion_tokens:<7} "
+            f"{_fmt(row.served_tps):>13} {_fmt(row.gpu_per_1m, digits=2):>15} {_fmt(row.list_per_1m, digits=2):>16}"
         )
-    errors = [r for r in results if r.error]
-    for r in errors[:5]:
-        lines.append(f"  error from {r.model}: {r.error}")
+    for r in [r for r in results if r.error][:5]:
+        lines.append(f"  error from {r.model} on {r.prompt_id}: {r.error}")
     lines.append(
-        "TTFT/TPOT: medians over the prompts; out tok/s = 1/TPOT pooled (one request at a time, batch 1); "
-        "$/1M out (GPU) = GPU $/hour / (out tok/s x 3600) x 1e6 at that speed."
+        "TTFT/TPOT: medians; out tok/s = 1/TPOT, the speed one request sees; served tok/s = output tokens / the "
+        "model's active window in this run; $/1M out (GPU) = GPU $/hour / (served tok/s x 3600) x 1e6."
     )
     return "\n".join(lines)

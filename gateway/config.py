@@ -42,6 +42,15 @@ class ListPrice(Strict):
     output_per_1m: Annotated[float, Field(ge=0)]
 
 
+class MirrorRule(Strict):
+    """Shadow traffic: a sampled fraction of this model's requests is also sent, fire-and-forget, to ``to``."""
+
+    to: Annotated[list[str], Field(min_length=1)]
+    fraction: Annotated[float, Field(ge=0, le=1)] = 0.1
+    max_concurrency: Annotated[int, Field(ge=1)] = 4
+    keep_text: bool = Field(default=False, description="store answers (prompts can be private: off by default)")
+
+
 class ModelCard(Strict):
     id: Annotated[str, Field(min_length=1)]
     family: str = "unknown"
@@ -53,6 +62,7 @@ class ModelCard(Strict):
     list_price: ListPrice | None = None
     aliases: list[str] = Field(default_factory=list)
     emulated: bool = Field(default=False, description="served by the vLLM emulator, not a model")
+    mirror: MirrorRule | None = None
 
 
 class Timeouts(Strict):
@@ -108,6 +118,7 @@ class GatewaySection(Strict):
     health_check_interval_s: Annotated[float, Field(gt=0)] = 5.0
     health_check_timeout_s: Annotated[float, Field(gt=0)] = 2.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    results_db: str = Field(default="results/gateway.sqlite", description="SQLite file of comparisons, or :memory:")
 
 
 class Settings(Strict):
@@ -138,6 +149,9 @@ class Settings(Strict):
         for card in self.models:
             if card.id not in served:
                 raise ValueError(f"model {card.id!r} has no backend serving it")
+            for target in card.mirror.to if card.mirror else []:
+                if names.get(target) != target or target == card.id:
+                    raise ValueError(f"model {card.id!r} mirrors to {target!r}, which is not another model's id")
         return self
 
     def card(self, model_id: str) -> ModelCard:

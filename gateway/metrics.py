@@ -115,6 +115,25 @@ class Metrics:
             ("backend", "model"),
             registry=registry,
         )
+        # Shadow (mirrored) traffic: its own families, so client-facing numbers and cost never include it.
+        self.mirror_requests = Counter(
+            "gateway_mirror_requests", "Mirrored calls by outcome.", ("model", "backend", "status"), registry=registry
+        )
+        self.mirror_skipped = Counter(
+            "gateway_mirror_skipped", "Mirrored calls not made: the concurrency bound was full.", ("model",),
+            registry=registry,
+        )  # fmt: skip
+        self.mirror_ttft = Histogram(
+            "gateway_mirror_time_to_first_token_seconds", "TTFT of mirrored calls.", mb, buckets=TTFT_BUCKETS,
+            registry=registry,
+        )  # fmt: skip
+        self.mirror_completion_tokens = Counter(
+            "gateway_mirror_completion_tokens", "Completion tokens of mirrored calls.", mb, registry=registry
+        )
+        self.mirror_cost = Counter(
+            "gateway_mirror_cost_usd", "Cost of mirrored calls (not client-facing).", ("model", "backend", "basis"),
+            registry=registry,
+        )  # fmt: skip
         self._series: dict[tuple[str, str], Series] = {}
 
     def series(self, model: str, backend: str) -> Series:

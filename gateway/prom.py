@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import yaml
 
 
@@ -69,3 +71,19 @@ def prometheus_argv(binary: str, config: Path, data: Path, port: int) -> list[st
         "--storage.tsdb.retention.time=2d",
         "--web.enable-lifecycle",
     ]
+
+
+def wait_scraped(base_url: str, expected: int, timeout: float) -> int:
+    """Wait until Prometheus has discovered and scraped ``expected`` targets once; returns how many are up."""
+    deadline = time.monotonic() + timeout
+    up = 0
+    while time.monotonic() < deadline:
+        try:
+            targets = httpx.get(f"{base_url}/api/v1/targets", timeout=2).json()["data"]["activeTargets"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            targets = []
+        up = sum(1 for t in targets if t.get("health") == "up")
+        if len(targets) >= expected and all(t.get("health") != "unknown" for t in targets):
+            return up
+        time.sleep(0.25)
+    return up

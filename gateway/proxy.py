@@ -12,6 +12,7 @@ without ``[DONE]`` is reported the same way: never a silent end that a client wo
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
@@ -42,11 +43,16 @@ class Exchange:
     model: str = NO_MODEL
     backend: str = NO_BACKEND
     card: ModelCard | None = None
+    pair_id: str | None = None  # set when shadow mirroring sampled this call
+
+
+PairHook = Callable[[str, Exchange, int, float | None, Usage | None, StreamObserver | None], None]
 
 
 class Recorder:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        self.on_pair: PairHook | None = None  # shadow mirroring stores the client's side of each pair
 
     def failed(self, ex: Exchange, status: int) -> None:
         self.metrics.requests.labels(ex.model, ex.backend, ex.endpoint, str(status)).inc()
@@ -62,6 +68,8 @@ class Recorder:
     ) -> None:
         m = self.metrics
         m.requests.labels(ex.model, ex.backend, ex.endpoint, str(status)).inc()
+        if ex.pair_id is not None and self.on_pair is not None:
+            self.on_pair(ex.pair_id, ex, status, e2e, usage, observer)
         if status != 200:
             return
         s = m.series(ex.model, ex.backend)
@@ -97,7 +105,7 @@ def _release(upstream: Upstream, ex: Exchange, metrics: Metrics) -> None:
     metrics.series(ex.model, ex.backend).in_flight.dec()
 
 
-async def _close(upstream: Upstream) -> None:
+async def close_upstream(upstream: Upstream) -> None:
     with anyio.CancelScope(shield=True):
         await upstream.response.aclose()
 
@@ -147,7 +155,7 @@ class RelayResponse(Response):
         except OSError:  # the client went away while we were sending
             status = CLIENT_CLOSED
         finally:
-            await _close(self.upstream)
+            await close_upstream(self.upstream)
             _release(self.upstream, ex, self.recorder.metrics)
             self.recorder.finished(
                 ex,
@@ -197,4 +205,4 @@ async def read_upstream(upstream: Upstream) -> bytes:
     try:
         return await read_body(upstream)
     finally:
-        await _close(upstream)
+        await close_upstream(upstream)

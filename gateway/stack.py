@@ -177,18 +177,16 @@ def start_prometheus(opts: Options, settings: Settings, sup: Supervisor, run: Pa
     config = run / "prometheus.yml"
     config.write_text(prom.scrape_config(targets))
     child = sup.start("prometheus", prom.prometheus_argv(binary, config, run / "prometheus-data", port))
-    sup.wait_ready(child, f"http://127.0.0.1:{port}/-/ready", timeout=60)
-    say(f"==> Prometheus at http://127.0.0.1:{port} scraping the gateway and {len(settings.backends)} backends")
+    base = f"http://127.0.0.1:{port}"
+    sup.wait_ready(child, f"{base}/-/ready", timeout=60)
+    up = prom.wait_scraped(base, len(targets), timeout=30)
+    say(f"==> Prometheus at {base} scraping the gateway and {len(settings.backends)} backends ({up}/{len(targets)} up)")
 
 
 def run_comparison(url: str, settings: Settings, max_tokens: int) -> None:
     models = [c.id for c in settings.models]
-    prompts = [text for _, text in compare.BUILTIN_PROMPTS]
-    say(f"==> the same {len(prompts)} prompts to {len(models)} models through the gateway")
-
-    def progress(done: int, total: int) -> None:
-        print(f"\r    {done}/{total} calls", end="" if done < total else "\n", flush=True)
-
-    results = compare.run(url, models, prompts, max_tokens=max_tokens, progress=progress)
+    prompts = compare.builtin_prompts()
+    say(f"==> the same {len(prompts)} prompts to {len(models)} models through the gateway, one call at a time")
+    results = compare.run(url, models, prompts, max_tokens=max_tokens, progress=compare.progress_bar)
     say()
     say(compare.table(results, {c.id: c for c in settings.models}))

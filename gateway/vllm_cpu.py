@@ -20,7 +20,7 @@ FAMILIES = ("qwen3", "deepseek", "llama")
 
 # Facts measured on a 2-core AVX-512 machine: see tests/vllm_facts.md.
 SERVER_ENV = {
-    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache per server: plenty for 1,024-token contexts
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache per server: plenty for 2,048-token contexts
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # three servers share two cores: do not pin
     "OMP_NUM_THREADS": "1",  # and one thread each: 64 tokens took 5-7 s with the default, 0.4-1.0 s with this
     "HF_HUB_OFFLINE": "1",

@@ -35,7 +35,12 @@ def card(model: str, family: str, vendor: str, origin: str, **extra: Any) -> dic
 
 def settings_for(backends: list[dict[str, Any]], models: list[dict[str, Any]], **gateway: Any) -> Settings:
     return parse_settings(
-        {"gateway": {"health_check_interval_s": 0.2, **gateway}, "models": models, "backends": backends}, "test"
+        {
+            "gateway": {"health_check_interval_s": 0.2, "results_db": ":memory:", **gateway},
+            "models": models,
+            "backends": backends,
+        },
+        "test",
     )
 
 

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from gateway import vllm_cpu
+from gateway import compare, vllm_cpu
 from gateway.supervisor import free_port
 from tests.servers import REPO
 from tests.test_cli import Output, alive, descendants
@@ -36,11 +36,17 @@ def test_up_vllm_cpu_runs_the_main_job_and_stops_everything() -> None:
         assert f"Prometheus at http://127.0.0.1:{prom_port}" in text, text
         # the comparison table: one row per family, every prompt answered, numbers in every column
         for model in ("tiny-qwen3", "tiny-deepseek", "tiny-llama"):
-            row = re.search(rf"^{model}\s+(CN|US)\s+(\d+)/(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", text, re.M)
+            row = re.search(
+                rf"^{model}\s+(CN|US)\s+(\d+)/(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+\d+/\d+\s+([\d.]+)\s+([\d.]+)",
+                text,
+                re.M,
+            )
             assert row, f"no comparison row for {model}:\n{text}"
-            assert row.group(2) == row.group(3) == "4"
+            assert row.group(2) == row.group(3) == str(len(compare.BUILTIN)), text
         targets = httpx.get(f"http://127.0.0.1:{prom_port}/api/v1/targets").json()["data"]["activeTargets"]
         assert sorted(t["labels"]["job"] for t in targets) == ["gateway", "vllm", "vllm", "vllm"]
+        assert all(t["health"] == "up" for t in targets), targets
+        assert "(4/4 up)" in text
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
         reply = client.chat.completions.create(
             model="deepseek", messages=[{"role": "user", "content": "hi"}], max_tokens=5

@@ -130,7 +130,7 @@ def test_usage_is_requested_then_hidden_and_counted(vllm: VllmStack) -> None:
 @pytest.mark.parametrize(
     ("body", "status"),
     [
-        ({"messages": [{"role": "user", "content": "word " * 3000}], "max_tokens": 10}, 400),  # longer than 1,024
+        ({"messages": [{"role": "user", "content": "word " * 6000}], "max_tokens": 10}, 400),  # longer than 2,048
         ({"messages": MSG, "temperature": -1}, 400),
         ({"messages": MSG, "max_tokens": -5}, 400),
     ],

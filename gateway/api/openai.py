@@ -55,6 +55,7 @@ async def models(request: Request) -> dict[str, Any]:
                 "origin": card.origin,
                 "emulated": card.emulated,
                 "backends": list(gw.pool.table.backends_of(card.id)),
+                "card": card.model_dump(mode="json"),
             }
         )
     return {"object": "list", "data": data}
@@ -70,6 +71,7 @@ async def proxy(request: Request, endpoint: Endpoint, path: str) -> Response:
         if model is None:
             raise ModelNotFound(f"The model `{parsed.model}` does not exist.", param="model")
         ex.model, ex.card = model, gw.settings.card(model)
+        ex.pair_id = gw.mirror.maybe(ex, parsed.body, endpoint)
         headers = {
             "content-type": "application/json",
             "x-request-id": ex.request_id,

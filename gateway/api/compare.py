@@ -1,0 +1,175 @@
+"""Fan-out routes: ``POST /v1/compare/chat/completions`` and ``/v1/compare/completions`` send one request to
+several models at once; ``GET /v1/compare`` lists recent comparisons and ``GET /v1/compare/{id}`` returns one.
+
+Streaming (``"stream": true``) answers with SSE events tagged by model, in arrival order::
+
+    data: {"model": "m1", "type": "chunk", "chunk": <vLLM's chunk, as it sent it>}
+    data: {"model": "m1", "type": "result", "backend": "b1", "error": null, "metrics": {...}}
+    ...
+    data: {"type": "done", "id": "cmp-..."}
+    data: [DONE]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from gateway.api.openai import request_id_of
+from gateway.app import Gateway, error_response
+from gateway.asgi import race_disconnect
+from gateway.config import ModelCard
+from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, NotFound
+from gateway.fanout import Outcome, assemble, call_model
+from gateway.protocol import Endpoint, openapi_body, parse_request
+from gateway.store import as_dict
+
+router = APIRouter()
+
+
+def _models(gw: Gateway, body: dict[str, Any]) -> list[ModelCard]:
+    wanted = body.get("models")
+    if wanted == "all":
+        return list(gw.settings.models)
+    if not isinstance(wanted, list) or not wanted or not all(isinstance(m, str) for m in wanted):
+        raise InvalidRequest('models: a non-empty list of model names, or "all"', param="models")
+    cards: dict[str, ModelCard] = {}
+    for name in wanted:
+        model = gw.pool.table.resolve(name)
+        if model is None:
+            raise ModelNotFound(f"The model `{name}` does not exist.", param="models")
+        cards.setdefault(model, gw.settings.card(model))
+    return list(cards.values())
+
+
+def _parse(gw: Gateway, raw: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], list[ModelCard], bool, bool]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    cards = _models(gw, body)
+    # the rest must be a valid ordinary request (a placeholder model stands in for the list)
+    parsed = parse_request(json.dumps({**body, "model": cards[0].id}).encode(), endpoint)
+    body.pop("model", None)
+    return body, cards, parsed.stream, parsed.client_wants_usage
+
+
+def _result(outcome: Outcome, endpoint: Endpoint) -> dict[str, Any]:
+    return {
+        "model": outcome.model,
+        "backend": outcome.backend,
+        "response": assemble(outcome, endpoint),
+        "error": outcome.error,
+        "metrics": outcome.metrics(),
+    }
+
+
+@router.post("/v1/compare/chat/completions", openapi_extra=openapi_body("chat"), response_model=None)
+async def compare_chat(request: Request) -> Response:
+    return await fanout(request, "chat")
+
+
+@router.post("/v1/compare/completions", openapi_extra=openapi_body("completions"), response_model=None)
+async def compare_completions(request: Request) -> Response:
+    return await fanout(request, "completions")
+
+
+async def fanout(request: Request, endpoint: Endpoint) -> Response:
+    gw: Gateway = request.app.state.gateway
+    request_id = request_id_of(request)
+    try:
+        body, cards, stream, wants_usage = _parse(gw, await request.body(), endpoint)
+    except GatewayError as err:
+        return error_response(err, request_id)
+    comparison_id = f"cmp-{uuid.uuid4().hex}"
+    headers = {"x-request-id": request_id, "x-comparison-id": comparison_id}
+
+    def store(outcomes: list[Outcome]) -> None:
+        gw.store.add(o.to_result(comparison_id, "fanout", gw.settings.card(o.model), True) for o in outcomes)
+
+    if not stream:
+
+        async def everyone() -> list[Outcome]:
+            return list(
+                await asyncio.gather(*(call_model(gw.pool, gw.recorder, c, endpoint, body, request_id) for c in cards))
+            )
+
+        gone, outcomes = await race_disconnect(everyone, request.receive)
+        if gone:
+            return Response(status_code=499)
+        store(outcomes)
+        results = [_result(o, endpoint) for o in outcomes]
+        return JSONResponse({"id": comparison_id, "object": "comparison", "results": results}, headers=headers)
+
+    return StreamingResponse(
+        _stream(gw, cards, endpoint, body, request_id, comparison_id, wants_usage, store),
+        media_type="text/event-stream",
+        headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
+    )
+
+
+async def _stream(
+    gw: Gateway,
+    cards: list[ModelCard],
+    endpoint: Endpoint,
+    body: dict[str, Any],
+    request_id: str,
+    comparison_id: str,
+    wants_usage: bool,
+    store: Any,
+) -> AsyncIterator[bytes]:
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_event(model: str, chunk: bytes) -> None:
+        head = json.dumps({"model": model, "type": "chunk"})[:-1].encode()
+        await queue.put(b"data: " + head + b', "chunk": ' + chunk + b"}\n\n")
+
+    async def one(card: ModelCard) -> Outcome:
+        outcome = await call_model(
+            gw.pool, gw.recorder, card, endpoint, body, request_id, on_event=on_event, forward_usage=wants_usage
+        )
+        result = _result(outcome, endpoint)
+        del result["response"]
+        await queue.put(b"data: " + json.dumps({"type": "result", **result}).encode() + b"\n\n")
+        return outcome
+
+    tasks = [asyncio.create_task(one(card)) for card in cards]
+    try:
+        pending = set(tasks)
+        while pending or not queue.empty():
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({getter, *pending}, return_when=asyncio.FIRST_COMPLETED)
+            pending -= done
+            if getter in done:
+                yield getter.result()
+            else:
+                getter.cancel()
+        store([t.result() for t in tasks])
+        yield b"data: " + json.dumps({"type": "done", "id": comparison_id}).encode() + b"\n\n" + b"data: [DONE]\n\n"
+    finally:
+        for task in tasks:
+            task.cancel()  # the client left: close every upstream call (vLLM aborts)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@router.get("/v1/compare")
+async def recent(request: Request, limit: int = 50) -> dict[str, Any]:
+    gw: Gateway = request.app.state.gateway
+    return {"object": "list", "data": gw.store.recent(max(1, min(limit, 500)))}
+
+
+@router.get("/v1/compare/{comparison_id}", response_model=None)
+async def one_comparison(request: Request, comparison_id: str) -> Response:
+    gw: Gateway = request.app.state.gateway
+    rows = gw.store.comparison(comparison_id)
+    if not rows:
+        return error_response(NotFound(f"no comparison {comparison_id!r}"))
+    return JSONResponse({"id": comparison_id, "results": [as_dict(r) for r in rows]})

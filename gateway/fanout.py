@@ -1,0 +1,193 @@
+"""Fan-out: one request, sent identically to several models at once, each measured the same way.
+
+Every model's call is made as a stream (``stream_options.include_usage`` on) whatever the client asked, because
+TTFT and TPOT exist only in a stream; a non-streaming fan-out returns, per model, the completion assembled from
+that stream. One model failing fills its own slot (``error``); the others still answer.
+
+The same machinery serves shadow mirroring (``mirror``): a mirrored call is a fan-out of one, recorded apart.
+
+GPU-time cost of one call: the backend's $/s x the call's wall-clock time / the mean number of requests the
+backend was serving during it (its share of a continuously batched GPU; never the whole wall-clock, which would
+overcount by the batch size).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.backends import BackendPool, iter_body
+from gateway.config import ModelCard
+from gateway.cost import list_price_usd
+from gateway.errors import GatewayError, UpstreamStreamError
+from gateway.protocol import Endpoint
+from gateway.proxy import Exchange, Recorder, close_upstream
+from gateway.store import CallResult
+from gateway.streaming import SSEFramer, StreamObserver
+
+OnEvent = Callable[[str, bytes], Awaitable[None]]  # (model, raw JSON of one vLLM chunk)
+
+
+@dataclass(slots=True)
+class Outcome:
+    model: str
+    backend: str | None
+    observer: StreamObserver
+    chunks: list[dict[str, Any]]
+    error: dict[str, Any] | None  # an OpenAI error object's inner dict
+    status: int
+    cost_gpu_usd: float | None
+    cost_list_usd: float | None
+
+    def metrics(self) -> dict[str, Any]:
+        o = self.observer
+        usage = o.usage
+        tpot = o.tpot
+        return {
+            "ttft_s": o.ttft,
+            "tpot_s": tpot,
+            "e2e_s": o.e2e,
+            "prompt_tokens": usage.prompt_tokens if usage else None,
+            "completion_tokens": usage.completion_tokens if usage else None,
+            "output_tokens_per_s": 1.0 / tpot if tpot else None,
+            "cost_usd": {"gpu_time": self.cost_gpu_usd, "list_price": self.cost_list_usd},
+        }
+
+    def to_result(self, comparison_id: str, kind: str, card: ModelCard | None, keep_text: bool) -> CallResult:
+        m = self.metrics()
+        return CallResult(
+            comparison_id=comparison_id,
+            kind=kind,
+            model=self.model,
+            backend=self.backend,
+            family=card.family if card else "",
+            origin=card.origin if card else "",
+            ttft_s=m["ttft_s"],
+            tpot_s=m["tpot_s"],
+            e2e_s=m["e2e_s"],
+            prompt_tokens=m["prompt_tokens"] or 0,
+            completion_tokens=m["completion_tokens"] or 0,
+            output_tps=m["output_tokens_per_s"],
+            cost_gpu_usd=self.cost_gpu_usd,
+            cost_list_usd=self.cost_list_usd,
+            finish_reason=self.observer.finish_reason,
+            text="".join(self.observer.text) if keep_text and self.error is None else None,
+            error=None if self.error is None else str(self.error.get("message", self.error)),
+            created_at=time.time() - (time.perf_counter() - self.observer.t0),
+        )
+
+
+def streaming_body(body: dict[str, Any], model: str) -> bytes:
+    sent = {k: v for k, v in body.items() if k != "models"}
+    sent["model"] = model
+    sent["stream"] = True
+    opts = body.get("stream_options")
+    sent["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+    return json.dumps(sent, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def assemble(outcome: Outcome, endpoint: Endpoint) -> dict[str, Any] | None:
+    """A non-streaming response object built from the model's stream (id, model and usage are vLLM's)."""
+    if outcome.error is not None or not outcome.chunks:
+        return None
+    first = outcome.chunks[0]
+    text = "".join(outcome.observer.text)
+    usage = next((c["usage"] for c in reversed(outcome.chunks) if isinstance(c.get("usage"), dict)), None)
+    if endpoint == "chat":
+        reasoning = "".join(
+            str(ch["delta"].get("reasoning_content") or ch["delta"].get("reasoning") or "")
+            for c in outcome.chunks
+            for ch in c.get("choices") or []
+            if isinstance(ch, dict) and isinstance(ch.get("delta"), dict) and ch.get("index", 0) == 0
+        )
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": outcome.observer.finish_reason}
+        kind = "chat.completion"
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": outcome.observer.finish_reason}
+        kind = "text_completion"
+    return {
+        "id": first.get("id"),
+        "object": kind,
+        "created": first.get("created"),
+        "model": first.get("model", outcome.model),
+        "choices": [choice],
+        "usage": usage,
+    }
+
+
+async def call_model(
+    pool: BackendPool,
+    recorder: Recorder | None,
+    card: ModelCard,
+    endpoint: Endpoint,
+    body: dict[str, Any],
+    request_id: str,
+    *,
+    on_event: OnEvent | None = None,
+    forward_usage: bool = False,
+) -> Outcome:
+    """Stream one model's answer to ``body``; never raises for the model's own failure (it is the outcome)."""
+    model = card.id
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
+    ex = Exchange(request_id, endpoint, time.perf_counter(), model=model, card=card)
+    observer = StreamObserver(t0=ex.t0, keep_text=True)
+    chunks: list[dict[str, Any]] = []
+    headers = {"content-type": "application/json", "x-request-id": request_id, "accept-encoding": "identity"}
+    try:
+        upstream = await pool.open(model, path, streaming_body(body, model), headers)
+    except GatewayError as err:
+        if recorder:
+            recorder.failed(ex, err.status)
+        return Outcome(model, None, observer, chunks, err.body()["error"], err.status, None, None)
+    backend = upstream.backend
+    ex.backend = backend.name
+    series = pool.metrics.series(model, backend.name)
+    series.in_flight.inc()
+    load = [backend.in_flight]
+    status = upstream.response.status_code
+    error: dict[str, Any] | None = None
+    try:
+        if status != 200:
+            raw = b"".join([c async for c in iter_body(upstream)])
+            try:
+                error = json.loads(raw).get("error") or {"message": raw.decode(errors="replace")[:500]}
+            except (ValueError, AttributeError):
+                error = {"message": f"backend {backend.name} answered {status}", "code": status}
+        else:
+            framer = SSEFramer()
+            async for data in iter_body(upstream):
+                load.append(backend.in_flight)
+                for event in framer.feed(data):
+                    usage_only = observer.observe(event)
+                    if event.data is None or event.data == "[DONE]":
+                        continue
+                    chunk = json.loads(event.data)
+                    chunks.append(chunk)
+                    if on_event is not None and (forward_usage or not usage_only) and observer.error is None:
+                        await on_event(model, event.data.encode())
+            if observer.error is not None:
+                error, status = observer.error, 502
+            elif not observer.done:
+                raise UpstreamStreamError(f"backend {backend.name} ended the stream without [DONE]")
+    except GatewayError as err:
+        error, status = err.body()["error"], err.status
+    except ValueError as err:
+        error, status = {"message": f"backend {backend.name} sent a malformed stream: {err}"}, 502
+    finally:
+        await close_upstream(upstream)
+        backend.in_flight -= 1
+        series.in_flight.dec()
+    elapsed = time.perf_counter() - ex.t0
+    usage = observer.usage if error is None else None
+    per_hour = pool.settings.backend_cost_per_hour(backend.config)
+    gpu = per_hour / 3600 * elapsed / max(1.0, sum(load) / len(load)) if error is None else None
+    listed = list_price_usd(card.list_price, usage.prompt_tokens, usage.completion_tokens) if usage else None
+    if recorder:
+        recorder.finished(ex, 200 if error is None else status, e2e=observer.e2e, usage=usage, observer=observer)
+    return Outcome(model, backend.name, observer, chunks, error, status, gpu, listed if card.list_price else None)

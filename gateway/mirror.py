@@ -1,0 +1,116 @@
+"""Shadow mirroring: a sampled fraction of normal traffic to model A is also sent to models B, C, ...
+
+Fire-and-forget: the mirrored calls run as background tasks after the client's own call has been routed; they
+never touch the client's response. Their number is bounded (``max_concurrency`` per model): when the bound is
+full a mirror is skipped and counted, never queued. Each primary call and its mirrors share a pair id and the
+same request (bar the model), and are recorded in the results store (``kind = "mirror"``; answers only with
+``keep_text``). Mirrored calls go to ``gateway_mirror_*`` metrics, never to the client-facing ones or their cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from typing import Any
+
+from gateway.backends import BackendPool
+from gateway.config import MirrorRule, Settings
+from gateway.cost import list_price_usd
+from gateway.fanout import call_model
+from gateway.metrics import Metrics
+from gateway.protocol import Endpoint
+from gateway.proxy import Exchange
+from gateway.store import CallResult, Store
+from gateway.streaming import StreamObserver, Usage
+
+log = logging.getLogger("gateway.mirror")
+
+
+class Mirror:
+    def __init__(
+        self, settings: Settings, pool: BackendPool, metrics: Metrics, store: Store, rng: random.Random | None = None
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.metrics = metrics
+        self.store = store
+        self.rules: dict[str, MirrorRule] = {c.id: c.mirror for c in settings.models if c.mirror}
+        self.active: dict[str, int] = dict.fromkeys(self.rules, 0)
+        self.rng = rng or random.Random()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def maybe(self, ex: Exchange, body: dict[str, Any], endpoint: Endpoint) -> str | None:
+        """Start the mirrors of this call if it is sampled; returns the pair id (None: not mirrored)."""
+        rule = self.rules.get(ex.model)
+        if rule is None or self.rng.random() >= rule.fraction:
+            return None
+        pair_id = f"pair-{uuid.uuid4().hex}"
+        request = dict(body)  # the client's parameters, as it sent them
+        for target in rule.to:
+            if self.active[ex.model] >= rule.max_concurrency:
+                self.metrics.mirror_skipped.labels(target).inc()
+                continue
+            self.active[ex.model] += 1
+            task = asyncio.create_task(self._shadow(ex.model, target, request, endpoint, pair_id, rule))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        return pair_id
+
+    async def _shadow(
+        self, source: str, target: str, body: dict[str, Any], endpoint: Endpoint, pair_id: str, rule: MirrorRule
+    ) -> None:
+        card = self.settings.card(target)
+        try:
+            outcome = await call_model(self.pool, None, card, endpoint, body, pair_id)
+            backend = outcome.backend or "none"
+            m = self.metrics
+            m.mirror_requests.labels(target, backend, "200" if outcome.error is None else str(outcome.status)).inc()
+            if outcome.error is None:
+                if outcome.observer.ttft is not None:
+                    m.mirror_ttft.labels(target, backend).observe(outcome.observer.ttft)
+                usage = outcome.observer.usage
+                if usage:
+                    m.mirror_completion_tokens.labels(target, backend).inc(usage.completion_tokens)
+                if outcome.cost_list_usd:
+                    m.mirror_cost.labels(target, backend, "list_price").inc(outcome.cost_list_usd)
+                if outcome.cost_gpu_usd:
+                    m.mirror_cost.labels(target, backend, "gpu_time").inc(outcome.cost_gpu_usd)
+            self.store.add([outcome.to_result(pair_id, "mirror", card, rule.keep_text)])
+        except Exception:  # a mirror must never disturb anything else
+            log.exception("mirrored call to %s failed", target)
+        finally:
+            self.active[source] -= 1
+
+    def record_primary(
+        self, pair_id: str, ex: Exchange, status: int, e2e: float | None, usage: Usage | None,
+        observer: StreamObserver | None,
+    ) -> None:  # fmt: skip
+        """The client's own call, stored under the pair id so the pair can be compared."""
+        rule = self.rules[ex.model]
+        card = ex.card
+        tpot = observer.tpot if observer else None
+        self.store.add([CallResult(
+            comparison_id=pair_id, kind="mirror", model=ex.model, backend=ex.backend,
+            family=card.family if card else "", origin=card.origin if card else "",
+            ttft_s=observer.ttft if observer else None, tpot_s=tpot, e2e_s=e2e,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            output_tps=1.0 / tpot if tpot else None,
+            cost_list_usd=list_price_usd(card.list_price, usage.prompt_tokens, usage.completion_tokens)
+            if usage and card and card.list_price else None,
+            finish_reason=observer.finish_reason if observer else None,
+            text="".join(observer.text) if observer and rule.keep_text else None,
+            error=None if status == 200 else f"status {status}",
+            created_at=time.time() - (time.perf_counter() - ex.t0),
+        )])  # fmt: skip
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        for task in list(self.tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

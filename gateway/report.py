@@ -1,0 +1,464 @@
+"""Comparison report: ``results.csv``, ``summary.md`` and one self-contained ``report.html`` (standard library only).
+
+Contract:
+
+- Input: CallResults and the model cards by model id. Models are listed in the order they first appear in the
+  results; a model without a card shows the family and origin its results recorded, and no prices.
+- Latency, token and speed figures use successful calls only (``error is None``); "calls ok/total" counts all.
+- "output tok/s" is 1 / median TPOT: the speed one user sees (MEASUREMENT.md, "output speed").
+- GPU-time basis: $/1M output tokens = ``cost.gpu_usd_per_1m_output(card GPUs x $/GPU-hour, served tok/s)``, where
+  served tok/s = sum of completion tokens of the model's successful calls / its active window, from its earliest
+  call's ``created_at`` to the latest ``created_at + e2e_s``. This is the rate the model actually served in the run,
+  not one request's speed: with continuous batching requests share the GPUs.
+- List-price basis: the card's output $/1M; blended = ``cost.blended_price_per_1m``. A missing price shows a dash.
+- Origin groups (CN and US always, other origins when present) pool their models' calls; a group's $/1M is the
+  token-weighted mean of its models' $/1M (= the group's total $ / its total output tokens), a dash if one is missing.
+- Paired comparisons (``gateway.stats``): every model against the baseline (default: the first US model, else the
+  first model) on TTFT, TPOT, E2E and output speed.
+- report.html has inline CSS and SVG drawn here; no script and nothing fetched. Every text that comes from results
+  or cards is HTML-escaped. Every section is always present and says "no data" when it has none.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from gateway.config import ModelCard
+from gateway.cost import blended_price_per_1m, gpu_usd_per_1m_output
+from gateway.stats import DASH, METRIC_LABELS, METRICS, Paired, Summary, describe, format_ratio, paired, percentile
+from gateway.stats import summary as summarize
+from gateway.store import COLUMNS, CallResult
+
+MISSING = DASH
+ANSWER_CHARS = 600
+DEFAULT_TITLE = "Model comparison"
+MAIN_ORIGINS = ("CN", "US")
+NO_DATA = '<p class="nodata">no data</p>'
+GPU_NOTE = (
+    "GPU-time basis: $/1M output tokens = (GPUs x $/GPU-hour) / (output tokens/s x 3600) x 10^6, using the rate "
+    "each model actually served in this run: the sum of its successful calls' completion tokens divided by its "
+    "active window (its first call's start to its last call's end). List-price basis: the model card's $ per 1M "
+    "output tokens; blended = (3 x input + 1 x output) / 4."
+)
+DEFINITIONS = (
+    "TTFT: time from the request to the first chunk carrying a token (role-only chunks do not count). "
+    "TPOT = (E2E - TTFT) / (completion tokens - 1). E2E: to the last token-bearing chunk. "
+    "Output tok/s = 1 / median TPOT, the speed one user sees. Paired comparisons pair the same prompt and repeat "
+    "on both models and report the median of the per-prompt ratios with a 95% bootstrap confidence interval; "
+    "a ratio below 1 means a shorter time (or, for output speed, a lower speed)."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ReportPaths:
+    csv: Path
+    markdown: Path
+    html: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One line of a summary table: a model, or an origin group (then ``family`` lists its models)."""
+
+    name: str
+    family: str
+    origin: str
+    ok: int
+    total: int
+    ttft: Summary | None
+    tpot: Summary | None
+    prompt_tokens: int
+    completion_tokens: int
+    served_tps: float | None
+    gpu_per_1m: float | None
+    list_per_1m: float | None
+    blended_per_1m: float | None
+
+    @property
+    def output_tps(self) -> float | None:
+        return 1.0 / self.tpot.p50 if self.tpot and self.tpot.p50 > 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    model: str
+    baseline: str
+    metric: str
+    paired: Paired | None
+    sentence: str
+
+
+def served_rate(calls: Sequence[CallResult]) -> float | None:
+    """Output tokens per second a model served over its active window; None without a window."""
+    if not calls:
+        return None
+    start = min(c.created_at for c in calls)
+    end = max(c.created_at + (c.e2e_s or 0.0) for c in calls)
+    tokens = sum(c.completion_tokens for c in calls if c.error is None)
+    return tokens / (end - start) if end > start else None
+
+
+def _by_model(results: Iterable[CallResult]) -> dict[str, list[CallResult]]:
+    out: dict[str, list[CallResult]] = {}
+    for r in results:
+        out.setdefault(r.model, []).append(r)
+    return out
+
+
+def _summary_of(calls: Sequence[CallResult], metric: str) -> Summary | None:
+    values = [v for c in calls if c.error is None and (v := getattr(c, metric)) is not None]
+    return summarize(values) if values else None
+
+
+def _row(name: str, family: str, origin: str, calls: Sequence[CallResult], prices: Sequence[float | None]) -> Row:
+    good = [c for c in calls if c.error is None]
+    return Row(
+        name, family, origin, len(good), len(calls), _summary_of(calls, "ttft_s"), _summary_of(calls, "tpot_s"),
+        sum(c.prompt_tokens for c in good), sum(c.completion_tokens for c in good), served_rate(calls), *prices,
+    )  # fmt: skip
+
+
+def model_rows(results: Sequence[CallResult], cards: Mapping[str, ModelCard]) -> list[Row]:
+    rows = []
+    for model, calls in _by_model(results).items():
+        card = cards.get(model)
+        rate = served_rate(calls)
+        gpu = gpu_usd_per_1m_output(card.gpu.cost_per_hour_usd, rate) if card and card.gpu and rate else None
+        price = card.list_price if card else None
+        family = card.family if card else (calls[0].family or "unknown")
+        origin = card.origin if card else (calls[0].origin or "unknown")
+        prices = (gpu, price.output_per_1m if price else None, blended_price_per_1m(price) if price else None)
+        rows.append(_row(model, family, origin, calls, prices))
+    return rows
+
+
+def _weighted(rows: Sequence[Row], price: Callable[[Row], float | None]) -> float | None:
+    # Weighting each model's $/1M by its tokens gives the group's total $ over its total tokens.
+    values = [price(r) for r in rows]
+    tokens = sum(r.completion_tokens for r in rows)
+    if not rows or tokens == 0 or any(v is None for v in values):
+        return None
+    return sum((v or 0.0) * r.completion_tokens for v, r in zip(values, rows, strict=True)) / tokens
+
+
+def origin_rows(results: Sequence[CallResult], rows: Sequence[Row]) -> list[Row]:
+    origins = list(dict.fromkeys([*MAIN_ORIGINS, *(r.origin for r in rows)]))
+    out = []
+    for origin in origins:
+        members = [r for r in rows if r.origin == origin]
+        names = {r.name for r in members}
+        calls = [c for c in results if c.model in names]
+        prices = [_weighted(members, lambda r: r.gpu_per_1m), _weighted(members, lambda r: r.list_per_1m)]
+        prices.append(_weighted(members, lambda r: r.blended_per_1m))
+        out.append(_row(origin, ", ".join(r.name for r in members) or "no data", origin, calls, prices))
+    return out
+
+
+def choose_baseline(rows: Sequence[Row], baseline: str | None) -> str | None:
+    names = [r.name for r in rows]
+    if baseline is not None and baseline not in names:
+        raise ValueError(f"baseline {baseline!r} has no results; models with results: {', '.join(names) or 'none'}")
+    return baseline or next((r.name for r in rows if r.origin == "US"), names[0] if names else None)
+
+
+def comparisons(results: Sequence[CallResult], rows: Sequence[Row], baseline: str | None) -> list[Comparison]:
+    base = choose_baseline(rows, baseline)
+    by_model = _by_model(results)
+    out = []
+    for row in rows:
+        if base is None or row.name == base:
+            continue
+        for metric in METRICS:
+            p = paired(by_model[row.name], by_model[base], metric)
+            out.append(Comparison(row.name, base, metric, p, describe(p, row.name, base, metric)))
+    return out
+
+
+# ---- formatting -------------------------------------------------------------------------------------------------
+
+
+def _ms(seconds: float | None) -> str:
+    return MISSING if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def _num(value: float | None) -> str:
+    return MISSING if value is None else f"{value:.1f}"
+
+
+def _usd(value: float | None) -> str:
+    # Cents are enough above $1; below it three significant digits keep $0.0556 from printing as 0.06.
+    return MISSING if value is None else (f"{value:.2f}" if value >= 1 else f"{value:.3g}")
+
+
+COLUMN_NAMES = (
+    "calls ok/total", "TTFT p50 ms", "TTFT p90 ms", "TTFT p99 ms", "TPOT p50 ms", "output tok/s", "prompt tokens",
+    "completion tokens", "served tok/s", "GPU $/1M out", "list $/1M out", "blended $/1M",
+)  # fmt: skip
+
+
+def _cells(row: Row) -> list[str]:
+    t = row.ttft
+    return [
+        f"{row.ok}/{row.total}", _ms(t.p50 if t else None), _ms(t.p90 if t else None), _ms(t.p99 if t else None),
+        _ms(row.tpot.p50 if row.tpot else None), _num(row.output_tps), str(row.prompt_tokens),
+        str(row.completion_tokens), _num(row.served_tps), _usd(row.gpu_per_1m), _usd(row.list_per_1m),
+        _usd(row.blended_per_1m),
+    ]  # fmt: skip
+
+
+def _lead_names(group: bool) -> list[str]:
+    return ["origin", "models"] if group else ["model", "family", "origin"]
+
+
+def _lead(row: Row, group: bool) -> list[str]:
+    return [row.name, row.family] if group else [row.name, row.family, row.origin]
+
+
+def _difference(c: Comparison, value: float) -> str:
+    return f"{value:.1f} tok/s" if c.metric == "output_tps" else f"{value * 1000:.1f} ms"
+
+
+# ---- files ------------------------------------------------------------------------------------------------------
+
+
+def write_csv(results: Sequence[CallResult], path: Path) -> None:
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for r in results:
+            writer.writerow(["" if (v := getattr(r, c)) is None else v for c in COLUMNS])
+
+
+def _md_table(rows: Sequence[Row], *, group: bool) -> list[str]:
+    def line(cells: Iterable[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    head = [*_lead_names(group), *COLUMN_NAMES]
+    return [line(head), line("---" for _ in head), *(line(_lead(r, group) + _cells(r)) for r in rows)]
+
+
+def render_markdown(
+    title: str, when: str, rows: Sequence[Row], groups: Sequence[Row], comps: Sequence[Comparison]
+) -> str:
+    lines = [f"# {title}", "", f"Generated {when}.", "", "## Per model", ""]
+    lines += _md_table(rows, group=False) if rows else ["No data."]
+    lines += ["", "## By origin", "", *_md_table(groups, group=True), "", "## Paired comparisons", ""]
+    lines += [f"- {c.sentence}" for c in comps] or ["No data (fewer than two models)."]
+    lines += ["", "## How to read this", "", DEFINITIONS, "", GPU_NOTE, ""]
+    return "\n".join(lines)
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _nice_max(value: float) -> float:
+    if value <= 0:
+        return 1.0
+    step = 10.0 ** math.floor(math.log10(value))
+    return next(m * step for m in (1, 2, 5, 10) if m * step >= value)
+
+
+# Plot geometry in px: row labels left of SVG_LEFT, then the axis, then room for the value printed after a bar.
+SVG_WIDTH, SVG_LEFT, SVG_PLOT = 760, 180, 500
+
+
+def _chart(label: str, names: Sequence[str], hi: float, unit: str, marks: Callable[[int, int], list[str]]) -> str:
+    """Row labels, gridlines and an axis from 0 to ``hi`` in five steps; ``marks(i, y)`` draws row i centred on y."""
+    height = 40 + 30 * len(names)
+    parts = [f'<text x="{SVG_LEFT - 8}" y="{height - 6}" text-anchor="end">{_e(unit)}</text>']
+    for step in range(6):
+        x = SVG_LEFT + SVG_PLOT * step / 5
+        parts.append(f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="10" y2="{height - 22}"/>')
+        parts.append(f'<text x="{x:.1f}" y="{height - 6}" text-anchor="middle">{hi * step / 5:g}</text>')
+    for i, name in enumerate(names):
+        y = 25 + 30 * i
+        parts += [f'<text x="{SVG_LEFT - 8}" y="{y + 4}" text-anchor="end">{_e(name)}</text>', *marks(i, y)]
+    return (
+        f'<svg class="plot" width="{SVG_WIDTH}" height="{height}" viewBox="0 0 {SVG_WIDTH} {height}" role="img" '
+        f'aria-label="{_e(label)}"><title>{_e(label)}</title>{"".join(parts)}</svg>'
+    )
+
+
+def _no_mark(y: int, text: str = "no data") -> list[str]:
+    return [f'<text x="{SVG_LEFT + 6}" y="{y + 4}" class="nodata">{_e(text)}</text>']
+
+
+def strip_plot(label: str, series: Sequence[tuple[str, Sequence[float]]], unit: str) -> str:
+    """Every call as a dot, with a box from p25 to p75 and a bar at the median; all models share one axis."""
+    hi = _nice_max(max((v for _, vs in series for v in vs), default=0.0))
+
+    def marks(i: int, y: int) -> list[str]:
+        values = series[i][1]
+        if not values:
+            return _no_mark(y)
+        q1, q2, q3 = (SVG_LEFT + percentile(values, q) * SVG_PLOT / hi for q in (25, 50, 75))
+        return [
+            f'<rect class="box" x="{q1:.1f}" y="{y - 9}" width="{max(q3 - q1, 1):.1f}" height="18"/>',
+            f'<line class="median" x1="{q2:.1f}" x2="{q2:.1f}" y1="{y - 11}" y2="{y + 11}"/>',
+            # A fixed jitter pattern spreads equal values apart and keeps the file identical across runs.
+            *(f'<circle class="dot" cx="{SVG_LEFT + v * SVG_PLOT / hi:.1f}" cy="{y + (j * 5) % 13 - 6}" r="2.5"/>'
+              for j, v in enumerate(values)),
+        ]  # fmt: skip
+
+    return _chart(label, [name for name, _ in series], hi, unit, marks)
+
+
+def bar_chart(label: str, items: Sequence[tuple[str, float | None]], unit: str, fmt: Callable[[float], str]) -> str:
+    hi = _nice_max(max((v for _, v in items if v is not None), default=0.0))
+
+    def marks(i: int, y: int) -> list[str]:
+        value = items[i][1]
+        if value is None:
+            return _no_mark(y, f"{MISSING} (no data)")
+        width = value * SVG_PLOT / hi
+        return [
+            f'<rect class="bar" x="{SVG_LEFT}" y="{y - 9}" width="{width:.1f}" height="18"/>',
+            f'<text x="{SVG_LEFT + width + 6:.1f}" y="{y + 4}">{_e(fmt(value))}</text>',
+        ]
+
+    return _chart(label, [name for name, _ in items], hi, unit, marks)
+
+
+CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;padding:3px 7px;vertical-align:top}
+td.n{text-align:right}th{background:#f3f3f3}.note{background:#f8f8f0;padding:.5em 1em;border-left:3px solid #cc9}
+.err{color:#b00020}.nodata{fill:#888;color:#888}.ans{white-space:pre-wrap;max-width:40em}.len{color:#777}
+svg.plot text{font-size:12px;fill:#333}.grid{stroke:#ddd}.box{fill:#cfe0f5;stroke:#5b8fd0}
+.median{stroke:#123e7a;stroke-width:2}.dot{fill:#1f4e9a;fill-opacity:.55}.bar{fill:#5b8fd0}"""
+
+
+def _table(head: Sequence[str], rows: Sequence[Sequence[str]], numeric_from: int = 99) -> str:
+    """Cells are already HTML; columns from ``numeric_from`` on are right-aligned."""
+    th = "".join(f"<th>{_e(h)}</th>" for h in head)
+    trs = (
+        "<tr>" + "".join(f'<td class="n">{c}</td>' if i >= numeric_from else f"<td>{c}</td>" for i, c in enumerate(r))
+        for r in rows
+    )
+    return f"<table><tr>{th}</tr>{''.join(trs)}</table>"
+
+
+def _answer(call: CallResult | None) -> str:
+    if call is None:
+        return MISSING
+    if call.error is not None:
+        return f'<span class="err">error: {_e(call.error)}</span>'
+    if call.text is None:
+        return '<span class="nodata">(answer not kept)</span>'
+    if len(call.text) <= ANSWER_CHARS:
+        return f'<div class="ans">{_e(call.text)}</div>'
+    shown, note = _e(call.text[:ANSWER_CHARS]), f"(first {ANSWER_CHARS} of {len(call.text)} chars)"
+    return f'<div class="ans">{shown}…</div><span class="len">{note}</span>'
+
+
+def _answers(results: Sequence[CallResult], models: Sequence[str]) -> str:
+    cells: dict[tuple[str, str, int], dict[str, CallResult]] = {}
+    for r in results:
+        cells.setdefault((r.comparison_id, r.prompt_id, r.repeat), {}).setdefault(r.model, r)
+    if not cells:
+        return NO_DATA
+    rows = []
+    for (comparison, prompt, repeat), calls in cells.items():
+        category = next(iter(calls.values())).prompt_category
+        label = f"{_e(prompt or comparison)} #{repeat}" + (f"<br><small>{_e(category)}</small>" if category else "")
+        rows.append([label, *(_answer(calls.get(m)) for m in models)])
+    return _table(["prompt / repeat", *models], rows)
+
+
+def _summary_table(rows: Sequence[Row], *, group: bool) -> str:
+    if not rows:
+        return NO_DATA
+    body = [[_e(c) for c in _lead(r, group) + _cells(r)] for r in rows]
+    return _table([*_lead_names(group), *COLUMN_NAMES], body, numeric_from=len(_lead_names(group)))
+
+
+def _comparison_section(comps: Sequence[Comparison]) -> str:
+    if not comps:
+        return '<p class="nodata">no data (fewer than two models)</p>'
+    rows = []
+    for c in comps:
+        cells = [f"{c.model} vs {c.baseline}", METRIC_LABELS[c.metric], str(c.paired.n if c.paired else 0)]
+        if c.paired:
+            (r_lo, r_hi), (d_lo, d_hi) = c.paired.ratio_ci, c.paired.difference_ci
+            cells += [format_ratio(c.paired.median_ratio), f"{format_ratio(r_lo)}{DASH}{format_ratio(r_hi)}"]
+            cells += [_difference(c, c.paired.median_difference), f"{_difference(c, d_lo)} to {_difference(c, d_hi)}"]
+        else:
+            cells += [MISSING] * 4
+        rows.append([_e(cell) for cell in cells])
+    head = ["models", "metric", "pairs", "median ratio", "95% CI", "median difference", "95% CI"]
+    sentences = "".join(f"<li>{_e(c.sentence)}</li>" for c in comps)
+    return f"<ul>{sentences}</ul>" + _table(head, rows, numeric_from=2)
+
+
+def _cost_section(rows: Sequence[Row]) -> str:
+    if not rows:
+        return NO_DATA
+    gpu, listed = [(r.name, r.gpu_per_1m) for r in rows], [(r.name, r.list_per_1m) for r in rows]
+    return (
+        f"<p>{_e(GPU_NOTE)}</p><h3>GPU-time basis</h3>"
+        + bar_chart("$ per 1M output tokens, GPU-time basis", gpu, "$", lambda v: f"${_usd(v)}")
+        + "<h3>List-price basis</h3>"
+        + bar_chart("$ per 1M output tokens, list-price basis", listed, "$", lambda v: f"${_usd(v)}")
+    )
+
+
+def render_html(
+    title: str, when: str, results: Sequence[CallResult], rows: Sequence[Row], groups: Sequence[Row],
+    comps: Sequence[Comparison],
+) -> str:  # fmt: skip
+    by_model = _by_model(results)
+    models = [r.name for r in rows]
+
+    def distribution(metric: str) -> str:
+        series = [(m, [v * 1000 for c in by_model[m] if c.error is None and (v := getattr(c, metric)) is not None])
+                  for m in models]  # fmt: skip
+        return (
+            strip_plot(f"{METRIC_LABELS[metric]} per model, every successful call", series, "ms") if rows else NO_DATA
+        )
+
+    speed = [(r.name, r.output_tps) for r in rows]
+    sections = [
+        ("How to read this", f'<div class="note"><p>{_e(DEFINITIONS)}</p><p>{_e(GPU_NOTE)}</p></div>'),
+        ("Summary", _summary_table(rows, group=False)),
+        ("By origin: CN vs US", _summary_table(groups, group=True)),
+        ("TTFT distribution", distribution("ttft_s")),
+        ("TPOT distribution", distribution("tpot_s")),
+        ("Output speed", bar_chart("output tok/s = 1 / median TPOT", speed, "tok/s", _num) if rows else NO_DATA),
+        ("Cost per 1M output tokens", _cost_section(rows)),
+        ("Paired comparisons", _comparison_section(comps)),
+        ("Answers side by side", _answers(results, models)),
+    ]
+    body = "".join(f"<section><h2>{_e(h)}</h2>{content}</section>" for h, content in sections)
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+        f"<style>{CSS}</style></head><body><h1>{_e(title)}</h1><p>Generated {_e(when)}; {len(results)} calls, "
+        f"{len(rows)} models.</p>{body}</body></html>\n"
+    )
+
+
+def write_report(
+    results: Sequence[CallResult],
+    cards: Mapping[str, ModelCard],
+    out_dir: Path,
+    *,
+    title: str = DEFAULT_TITLE,
+    baseline: str | None = None,
+    generated_at: datetime | None = None,
+) -> ReportPaths:
+    """Write results.csv, summary.md and report.html into ``out_dir`` (created if needed) and return their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = model_rows(results, cards)
+    groups = origin_rows(results, rows)
+    comps = comparisons(results, rows, baseline)
+    when = (generated_at or datetime.now(UTC)).strftime("%Y-%m-%d %H:%M:%S %Z").strip()
+    paths = ReportPaths(out_dir / "results.csv", out_dir / "summary.md", out_dir / "report.html")
+    write_csv(results, paths.csv)
+    paths.markdown.write_text(render_markdown(title, when, rows, groups, comps), encoding="utf-8")
+    paths.html.write_text(render_html(title, when, results, rows, groups, comps), encoding="utf-8")
+    return paths

@@ -1,0 +1,136 @@
+"""Results store: one row per call of a comparison (fan-out, comparison run, or mirrored pair), in SQLite.
+
+Schema (table ``results``; one row per (comparison id, prompt, repeat, model)):
+
+=================  =======  ===============================================================================
+column             type     meaning
+=================  =======  ===============================================================================
+id                 INTEGER  row id
+comparison_id      TEXT     fan-out request id, comparison-run id or mirror pair id: rows sharing it had
+                            identical requests
+kind               TEXT     "fanout", "run" or "mirror"
+created_at         REAL     Unix time the call started
+prompt_id          TEXT     which prompt (pairs rows across models); "" for ad-hoc fan-outs
+prompt_category    TEXT     e.g. "short chat", "code", "chinese"
+repeat             INTEGER  repetition index within a run (0-based)
+model              TEXT     model id
+backend            TEXT     backend that served it (NULL if none did)
+family, origin     TEXT     from the model card
+ttft_s             REAL     time to first token-bearing chunk, seconds
+tpot_s             REAL     (e2e - ttft) / (completion_tokens - 1)
+e2e_s              REAL     to the last token-bearing chunk
+prompt_tokens      INTEGER  from vLLM's usage
+completion_tokens  INTEGER  from vLLM's usage
+output_tps         REAL     1 / tpot: output tokens per second seen by this request
+cost_gpu_usd       REAL     share of the backend's GPU cost (see cost.gpu_usd_share)
+cost_list_usd      REAL     usage x the card's list prices
+finish_reason      TEXT
+text               TEXT     the answer (NULL when not kept: mirrored traffic keeps none by default)
+error              TEXT     error message, NULL on success
+=================  =======  ===============================================================================
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+
+@dataclass(slots=True)
+class CallResult:
+    comparison_id: str
+    kind: str
+    model: str
+    prompt_id: str = ""
+    prompt_category: str = ""
+    repeat: int = 0
+    backend: str | None = None
+    family: str = ""
+    origin: str = ""
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    e2e_s: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    output_tps: float | None = None
+    cost_gpu_usd: float | None = None
+    cost_list_usd: float | None = None
+    finish_reason: str | None = None
+    text: str | None = None
+    error: str | None = None
+    created_at: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+COLUMNS = tuple(f.name for f in fields(CallResult))
+_TYPES = {
+    "repeat": "INTEGER", "prompt_tokens": "INTEGER", "completion_tokens": "INTEGER", "created_at": "REAL",
+    "ttft_s": "REAL", "tpot_s": "REAL", "e2e_s": "REAL", "output_tps": "REAL", "cost_gpu_usd": "REAL",
+    "cost_list_usd": "REAL",
+}  # fmt: skip
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS results (id INTEGER PRIMARY KEY AUTOINCREMENT, "
+    + ", ".join(f"{c} {_TYPES.get(c, 'TEXT')}" for c in COLUMNS)
+    + ");\nCREATE INDEX IF NOT EXISTS results_comparison ON results (comparison_id);"
+    + "\nCREATE INDEX IF NOT EXISTS results_created ON results (created_at);"
+)
+
+
+class Store:
+    """A SQLite file (or ``:memory:``) shared by the event loop's thread and worker threads, writes serialised."""
+
+    def __init__(self, path: Path | str) -> None:
+        if str(path) != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def add(self, results: Iterable[CallResult]) -> None:
+        rows = [
+            tuple(getattr(r, c) if c != "created_at" or r.created_at else time.time() for c in COLUMNS) for r in results
+        ]
+        with self._lock:
+            self._db.executemany(
+                f"INSERT INTO results ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", rows
+            )
+
+    def comparison(self, comparison_id: str) -> list[CallResult]:
+        return self._select("WHERE comparison_id = ? ORDER BY id", (comparison_id,))
+
+    def recent(self, limit: int = 50) -> list[dict[str, object]]:
+        """The latest comparisons, newest first: id, kind, when, models and the first prompt's category."""
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT comparison_id, kind, MIN(created_at), GROUP_CONCAT(DISTINCT model), COUNT(*), "
+                "SUM(error IS NOT NULL) FROM results GROUP BY comparison_id ORDER BY MIN(created_at) DESC LIMIT ?",
+                (limit,),
+            )
+            rows = cur.fetchall()
+        return [
+            {"id": r[0], "kind": r[1], "created_at": r[2], "models": sorted(str(r[3]).split(",")),
+             "calls": r[4], "errors": r[5]}
+            for r in rows
+        ]  # fmt: skip
+
+    def _select(self, where: str, params: Sequence[object]) -> list[CallResult]:
+        with self._lock:
+            cur = self._db.execute(f"SELECT {', '.join(COLUMNS)} FROM results {where}", tuple(params))
+            rows = cur.fetchall()
+        return [CallResult(**dict(zip(COLUMNS, row, strict=True))) for row in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def as_dict(result: CallResult) -> dict[str, object]:
+    return asdict(result)

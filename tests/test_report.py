@@ -1,0 +1,174 @@
+"""The report files from a fixed run: three models (two CN, one US), 4 prompts x 2 repeats, one failed call.
+
+Every expected number is worked out by hand from the data below, not by calling the code under test.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from gateway.config import Gpu, ListPrice, ModelCard
+from gateway.report import ReportPaths, write_report
+from gateway.store import COLUMNS, CallResult
+
+QWEN, DEEPSEEK, LLAMA = "tiny-qwen3", "tiny-deepseek", "tiny-llama"
+CARDS = {
+    QWEN: ModelCard(id=QWEN, family="qwen3", origin="CN", gpu=Gpu(type="H100", count=2, usd_per_hour=1.8),
+                    list_price=ListPrice(input_per_1m=0.5, output_per_1m=2.0)),
+    DEEPSEEK: ModelCard(id=DEEPSEEK, family="deepseek", origin="CN", gpu=Gpu(type="H100", count=2, usd_per_hour=1.0)),
+    LLAMA: ModelCard(id=LLAMA, family="llama", origin="US", gpu=Gpu(type="H100", count=1, usd_per_hour=1.8),
+                     list_price=ListPrice(input_per_1m=0.2, output_per_1m=0.6)),
+}  # fmt: skip
+# TTFT of call k = 2 x prompt + repeat; None marks deepseek's failed call (prompt p2, repeat 1).
+TTFT: dict[str, list[float | None]] = {
+    QWEN: [0.100, 0.120, 0.140, 0.160, 0.180, 0.200, 0.220, 0.240],
+    DEEPSEEK: [0.500, 0.400, 0.600, 0.450, 0.550, None, 0.700, 0.650],
+    LLAMA: [0.300, 0.250, 0.350, 0.200, 0.400, 0.450, 0.280, 0.320],
+}
+TPOT = {QWEN: 0.020, DEEPSEEK: 0.025, LLAMA: 0.010}
+TOKENS = {QWEN: 90, DEEPSEEK: 100, LLAMA: 180}
+ERROR = "HTTP 500: upstream <b>exploded</b>"
+LONG = "long answer " * 100  # 1200 characters: truncated to 600 in the HTML
+
+
+HEADINGS = (
+    "How to read this", "Summary", "By origin: CN vs US", "TTFT distribution", "TPOT distribution", "Output speed",
+    "Cost per 1M output tokens", "Paired comparisons", "Answers side by side",
+)  # fmt: skip
+
+
+def answer(model: str, k: int) -> str:
+    if model == QWEN and k == 0:
+        return "Hello <script>alert('x')</script> & goodbye"
+    if model == LLAMA and k == 0:
+        return 'see <img src="https://example.com/x.png"> and <a href="http://example.com">this</a>'
+    if model == LLAMA and k == 2:
+        return LONG
+    return f"{model} answer {k}: 长城"
+
+
+def results() -> list[CallResult]:
+    out = []
+    for model in (QWEN, DEEPSEEK, LLAMA):
+        for k, ttft in enumerate(TTFT[model]):
+            ok = ttft is not None
+            out.append(
+                CallResult(
+                    comparison_id="run-1", kind="run", model=model, prompt_id=f"p{k // 2}",
+                    prompt_category="chinese" if k // 2 == 3 else "short chat", repeat=k % 2, backend=f"{model}-a",
+                    family=CARDS[model].family, origin=CARDS[model].origin, ttft_s=ttft,
+                    tpot_s=TPOT[model] if ok else None, e2e_s=2.0 if ok else None,
+                    prompt_tokens=20 if ok else 0, completion_tokens=TOKENS[model] if ok else 0,
+                    output_tps=1 / TPOT[model] if ok else None, finish_reason="length" if ok else None,
+                    text=answer(model, k) if ok else None, error=None if ok else ERROR,
+                    # one call every 10 s, each lasting 2 s: every model's active window is 1000 -> 1072, i.e. 72 s
+                    created_at=1000.0 + 10 * k,
+                )
+            )  # fmt: skip
+    return out
+
+
+@pytest.fixture
+def report(tmp_path: Path) -> ReportPaths:
+    return write_report(
+        results(), CARDS, tmp_path / "out", title="Tiny <models>", generated_at=datetime(2025, 1, 2, 3, 4, tzinfo=UTC)
+    )
+
+
+def test_files_exist(report: ReportPaths, tmp_path: Path) -> None:
+    assert {report.csv.name, report.markdown.name, report.html.name} == {"results.csv", "summary.md", "report.html"}
+    assert all(p.is_file() and p.parent == tmp_path / "out" for p in (report.csv, report.markdown, report.html))
+
+
+def test_csv_round_trips(report: ReportPaths) -> None:
+    with report.csv.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 24
+    assert tuple(rows[0]) == COLUMNS
+    failed = [r for r in rows if r["error"]]
+    assert [(r["model"], r["prompt_id"], r["repeat"], r["error"], r["ttft_s"]) for r in failed] == [
+        (DEEPSEEK, "p2", "1", ERROR, "")
+    ]
+    first = rows[0]
+    assert (first["model"], first["ttft_s"], first["text"]) == (QWEN, "0.1", answer(QWEN, 0))
+    assert rows[-1]["text"] == f"{LLAMA} answer 7: 长城"  # UTF-8
+
+
+def model_line(markdown: str, model: str) -> list[str]:
+    line = next(x for x in markdown.splitlines() if x.startswith(f"| {model} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_summary_markdown(report: ReportPaths) -> None:
+    md = report.markdown.read_text(encoding="utf-8")
+    header = [c.strip() for c in md.splitlines()[6].strip("|").split("|")]
+    col = {name: i for i, name in enumerate(header)}
+    # (model, origin, ok/total, TTFT p50 ms, TPOT p50 ms, output tok/s, GPU $/1M, list $/1M, blended $/1M)
+    # TTFT p50 of 8 values = mean of the 4th and 5th sorted; of deepseek's 7 successful ones = the 4th:
+    #   qwen (0.160 + 0.180) / 2 = 170 ms; llama sorted .20 .25 .28 .30 .32 ... -> (0.30 + 0.32) / 2 = 310 ms;
+    #   deepseek sorted .40 .45 .50 .55 .60 .65 .70 -> 550 ms.
+    # GPU basis: tokens / 72 s window; $/h / (tok/s x 3600) x 1e6:
+    #   qwen 8 x 90 = 720 tokens -> 10 tok/s; 2 x $1.8 = $3.6/h -> 3.6 / 36000 x 1e6 = $100.00
+    #   deepseek 7 x 100 = 700 tokens (the failed call made none); $2/h x 72 s = $0.04 -> 0.04 / 700 x 1e6 = $57.14
+    #   llama 8 x 180 = 1440 tokens -> 20 tok/s; $1.8/h -> 1.8 / 72000 x 1e6 = $25.00
+    # list: qwen $2 output, blended (3 x 0.5 + 2) / 4 = 0.875; llama 0.6, (3 x 0.2 + 0.6) / 4 = 0.3; deepseek none
+    expected = {
+        QWEN: ("CN", "8/8", "170.0", "20.0", "50.0", "100.00", "2.00", "0.875"),
+        DEEPSEEK: ("CN", "7/8", "550.0", "25.0", "40.0", "57.14", "\u2013", "\u2013"),
+        LLAMA: ("US", "8/8", "310.0", "10.0", "100.0", "25.00", "0.6", "0.3"),
+    }
+    names = ("origin", "calls ok/total", "TTFT p50 ms", "TPOT p50 ms", "output tok/s", "GPU $/1M out",
+             "list $/1M out", "blended $/1M")  # fmt: skip
+    for model, values in expected.items():
+        cells = model_line(md, model)
+        assert tuple(cells[col[n]] for n in names) == values, model
+    assert model_line(md, QWEN)[col["TTFT p90 ms"]] == "226.0"  # position 0.9 x 7 = 6.3: 220 + 0.3 x 20
+    assert model_line(md, DEEPSEEK)[col["completion tokens"]] == "700"
+    # CN pools 1420 tokens: ($0.072 + $0.04) / 1420 x 1e6 = $78.87; a list price is missing for deepseek
+    cn = model_line(md, "CN")
+    assert (cn[1], cn[2], cn[-3], cn[-2]) == (f"{QWEN}, {DEEPSEEK}", "15/16", "78.87", "\u2013")
+    assert model_line(md, "US")[-3] == "25.00"
+    # llama is the only US model, hence the default baseline; every qwen TTFT is below llama's, every deepseek one above
+    assert f"{QWEN} is " in md and f"% faster than {LLAMA} in TTFT on the same 4 prompts, 8 paired calls" in md
+    assert f"% slower than {LLAMA} in TTFT on the same 4 prompts, 7 paired calls" in md  # the failed call drops out
+    assert md.count(f"than {LLAMA}") + md.count(f"and {LLAMA}") + md.count(f"with {LLAMA}") == 8  # 2 models x 4
+
+
+def test_html_sections_plots_and_escaping(report: ReportPaths) -> None:
+    page = report.html.read_text(encoding="utf-8")
+    assert "<title>Tiny &lt;models&gt;</title>" in page and "2025-01-02 03:04:00 UTC" in page
+    for heading in HEADINGS:
+        assert f"<h2>{heading}</h2>" in page
+    sections = re.findall(r"<section><h2>(.*?)</h2>(.*?)</section>", page, re.S)
+    plots = {h: body.count("<svg") for h, body in sections}
+    assert plots["TTFT distribution"] == plots["TPOT distribution"] == plots["Output speed"] == 1
+    assert plots["Cost per 1M output tokens"] == 2  # GPU-time and list-price basis
+    assert "<td>CN</td>" in page and "<td>US</td>" in page
+    assert "TPOT = (E2E - TTFT) / (completion tokens - 1)" in page and "x 3600" in page
+    # answers: escaped, never live markup; the long one truncated with its length; the error shown in red
+    assert "Hello &lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; goodbye" in page
+    assert "<script" not in page.lower()
+    assert "(first 600 of 1200 chars)" in page and LONG not in page
+    assert f'<span class="err">error: {ERROR.replace("<", "&lt;").replace(">", "&gt;")}</span>' in page
+    # self-contained: no attribute or CSS that loads anything from the network
+    assert not re.search(r"""(src|href|action)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
+    assert not re.search(r"url\(|@import|<link|<iframe|<object", page, re.I)
+
+
+def test_empty_report_says_no_data(tmp_path: Path) -> None:
+    paths = write_report([], {}, tmp_path)
+    page = paths.html.read_text(encoding="utf-8")
+    assert page.count("no data") >= 8
+    assert "<h2>Answers side by side</h2>" in page
+    with paths.csv.open(encoding="utf-8", newline="") as f:
+        assert list(csv.reader(f)) == [list(COLUMNS)]
+
+
+def test_unknown_baseline_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="baseline 'gpt' has no results"):
+        write_report(results(), CARDS, tmp_path, baseline="gpt")
