@@ -132,6 +132,7 @@ class RelayResponse(Response):
         self.recorder = recorder
         self.strip_usage = strip_usage
         self.observer = StreamObserver(t0=ex.t0, keep_text=keep_text)
+        self.settled: int | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex, observer = self.ex, self.observer
@@ -149,6 +150,8 @@ class RelayResponse(Response):
                 }
             )
             disconnected, status_or_none = await race_disconnect(lambda: self._relay(send), receive)
+            if disconnected and self.settled is not None:
+                disconnected, status_or_none = False, self.settled
             status = CLIENT_CLOSED if disconnected else status_or_none
             if disconnected:
                 log.info("client closed request %s to %s mid-stream", ex.request_id, ex.backend)
@@ -166,7 +169,10 @@ class RelayResponse(Response):
             )
 
     async def _relay(self, send: Send) -> int:
-        """Forward the stream; returns the status to record (200, or the in-band error's)."""
+        """Forward the stream; returns the status to record (200, or the in-band error's).
+
+        ``self.settled`` is set as soon as the client has the whole answer (or the error event): a disconnect
+        after that (clients often hang up on ``[DONE]``) does not make a delivered stream a 499."""
         observer, strip = self.observer, self.strip_usage
         framer = SSEFramer()
         metrics, backend = self.recorder.metrics, self.ex.backend
@@ -177,6 +183,10 @@ class RelayResponse(Response):
                     if observer.observe(event) and strip:
                         continue
                     out.append(event.raw)
+                if observer.done:
+                    if observer.error is not None:
+                        metrics.upstream_errors.labels(backend, "stream_error").inc()
+                    self.settled = 200 if observer.error is None else 500
                 if out:
                     await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
             tail = framer.flush()
@@ -185,20 +195,19 @@ class RelayResponse(Response):
             if not observer.done:
                 raise UpstreamStreamError(f"backend {backend} ended the stream without [DONE]")
         except GatewayError as err:
-            if err.upstream_reason:
-                metrics.upstream_errors.labels(backend, err.upstream_reason).inc()
-            await send({"type": "http.response.body", "body": err.sse_event(), "more_body": False})
-            return err.status
+            return await self._fail(send, err, err.upstream_reason)
         except ValueError as err:  # an event larger than the framer accepts
             bad = UpstreamStreamError(f"backend {backend} sent a malformed stream: {err}")
-            metrics.upstream_errors.labels(backend, "bad_response").inc()
-            await send({"type": "http.response.body", "body": bad.sse_event(), "more_body": False})
-            return bad.status
+            return await self._fail(send, bad, "bad_response")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-        if observer.error is not None:
-            metrics.upstream_errors.labels(backend, "stream_error").inc()
-            return 500
-        return 200
+        return self.settled or 200
+
+    async def _fail(self, send: Send, err: GatewayError, reason: str | None) -> int:
+        if reason:
+            self.recorder.metrics.upstream_errors.labels(self.ex.backend, reason).inc()
+        self.settled = err.status
+        await send({"type": "http.response.body", "body": err.sse_event(), "more_body": False})
+        return err.status
 
 
 async def read_upstream(upstream: Upstream) -> bytes:

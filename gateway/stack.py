@@ -120,7 +120,7 @@ def up(opts: Options) -> int:
                 vllm_cpu.build_models(echo=lambda line: say(f"    {line}"))
             url = start_stack(opts, settings, sup, run)
             if opts.compare:
-                run_comparison(url, settings, opts.max_tokens)
+                run_comparison(url, settings, opts.max_tokens, run / "report")
             say(f"\nServing at {url}/v1 until Ctrl-C. Logs in {run / 'logs'}.")
             while True:
                 for child in sup.children:
@@ -183,10 +183,16 @@ def start_prometheus(opts: Options, settings: Settings, sup: Supervisor, run: Pa
     say(f"==> Prometheus at {base} scraping the gateway and {len(settings.backends)} backends ({up}/{len(targets)} up)")
 
 
-def run_comparison(url: str, settings: Settings, max_tokens: int) -> None:
+def run_comparison(url: str, settings: Settings, max_tokens: int, out: Path) -> None:
+    from gateway import report
+
     models = [c.id for c in settings.models]
     prompts = compare.builtin_prompts()
     say(f"==> the same {len(prompts)} prompts to {len(models)} models through the gateway, one call at a time")
     results = compare.run(url, models, prompts, max_tokens=max_tokens, progress=compare.progress_bar)
+    cards = {c.id: c for c in settings.models}
+    compare.add_list_cost(results, cards)
+    paths = report.write_report(results, cards, out, title="Model comparison (gateway up)")
     say()
-    say(compare.table(results, {c.id: c for c in settings.models}))
+    say(compare.table(results, cards))
+    say(f"Report: {paths.html} (also {paths.markdown.name}, {paths.csv.name}); more runs: gateway compare --help")

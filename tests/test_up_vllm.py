@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import openai
@@ -43,6 +44,10 @@ def test_up_vllm_cpu_runs_the_main_job_and_stops_everything() -> None:
             )
             assert row, f"no comparison row for {model}:\n{text}"
             assert row.group(2) == row.group(3) == str(len(compare.BUILTIN)), text
+        report = re.search(r"Report: (\S+report\.html)", text)
+        assert report, text
+        html = Path(report.group(1)).read_text(encoding="utf-8")
+        assert html.count("<svg") >= 4 and "no data" not in html.lower() and "tiny-deepseek" in html
         targets = httpx.get(f"http://127.0.0.1:{prom_port}/api/v1/targets").json()["data"]["activeTargets"]
         assert sorted(t["labels"]["job"] for t in targets) == ["gateway", "vllm", "vllm", "vllm"]
         assert all(t["health"] == "up" for t in targets), targets
