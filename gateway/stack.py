@@ -175,7 +175,8 @@ def start_prometheus(opts: Options, settings: Settings, sup: Supervisor, run: Pa
         job = "vllm" if opts.kind == "vllm-cpu" else "vllm-emulator"
         targets.append(prom.Target(job, f"127.0.0.1:{ports[backend.name]}", {"backend": backend.name}))
     config = run / "prometheus.yml"
-    config.write_text(prom.scrape_config(targets))
+    rules = REPO / "deploy" / "prometheus" / "rules"
+    config.write_text(prom.scrape_config(targets, rule_files=[str(rules / "*.yml")] if rules.is_dir() else None))
     child = sup.start("prometheus", prom.prometheus_argv(binary, config, run / "prometheus-data", port))
     base = f"http://127.0.0.1:{port}"
     sup.wait_ready(child, f"{base}/-/ready", timeout=60)

@@ -52,6 +52,8 @@ def test_up_vllm_cpu_runs_the_main_job_and_stops_everything() -> None:
         assert sorted(t["labels"]["job"] for t in targets) == ["gateway", "vllm", "vllm", "vllm"]
         assert all(t["health"] == "up" for t in targets), targets
         assert "(4/4 up)" in text
+        groups = httpx.get(f"http://127.0.0.1:{prom_port}/api/v1/rules").json()["data"]["groups"]
+        assert sum(len(g["rules"]) for g in groups) > 20  # the project's recording and alerting rules
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
         reply = client.chat.completions.create(
             model="deepseek", messages=[{"role": "user", "content": "hi"}], max_tokens=5

@@ -1,0 +1,229 @@
+"""deploy/prometheus and deploy/grafana against the real thing: promtool accepts the config and rules, the
+committed dashboards are what gateway.dashboards generates, and a real Prometheus scraping a real gateway and
+three emulators answers every recording rule and every dashboard query with series carrying the right labels."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from gateway import dashboards
+from gateway.app import create_app
+from gateway.emulator import EmulatorConfig, create_emulator_app
+from gateway.prom import prometheus_argv, wait_scraped
+from gateway.supervisor import free_port
+from tests.conftest import card, settings_for
+from tests.servers import REPO, ThreadServer, wait_http
+
+PROM_DIR = REPO / "deploy" / "prometheus"
+GRAFANA_DIR = REPO / "deploy" / "grafana"
+RULE_FILES = sorted((PROM_DIR / "rules").glob("*.yml"))
+MODELS = (
+    # model id, family, vendor, origin, backend name
+    ("obs/qwen3", "qwen3", "Alibaba", "CN", "qwen-obs"),
+    ("obs/deepseek", "deepseek", "DeepSeek", "CN", "deepseek-obs"),
+    ("obs/llama", "llama", "Meta", "US", "llama-obs"),
+)
+# Values a label must cover, across a query's series: every model, both origins, every backend.
+EXPECTED = {
+    "model": {m for m, *_ in MODELS},
+    "model_name": {m for m, *_ in MODELS},
+    "origin": {"CN", "US"},
+    "backend": {b for *_, b in MODELS},
+}
+SETTLE_S = 40.0  # how long Prometheus gets for every rule and query to answer
+
+
+def binary(name: str) -> str:
+    found = shutil.which(name) or (f"/usr/bin/{name}" if os.access(f"/usr/bin/{name}", os.X_OK) else None)
+    if not found:
+        pytest.fail(f"`{name}` is not installed: install Debian's prometheus package (.ci/run does)")
+    return found
+
+
+def promtool(*args: str) -> None:
+    run = subprocess.run([binary("promtool"), *args], cwd=PROM_DIR, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, f"promtool {' '.join(args)}:\n{run.stdout}{run.stderr}"
+
+
+def test_promtool_accepts_the_config_and_the_rules() -> None:
+    assert RULE_FILES, "no rule files in deploy/prometheus/rules"
+    promtool("check", "config", str(PROM_DIR / "prometheus.yml"))
+    promtool("check", "rules", *map(str, RULE_FILES))
+
+
+def test_committed_dashboards_are_generated() -> None:
+    for dashboard in dashboards.DASHBOARDS:
+        path = GRAFANA_DIR / "dashboards" / dashboards.filename(dashboard)
+        assert path.exists(), f"{path} missing: run python -m gateway.dashboards --out deploy/grafana/dashboards"
+        assert path.read_text(encoding="utf-8") == dashboards.render(dashboard), (
+            f"{path} is stale: run python -m gateway.dashboards --out deploy/grafana/dashboards"
+        )
+    provisioned = yaml.safe_load((GRAFANA_DIR / "provisioning/datasources/prometheus.yml").read_text())
+    assert provisioned["datasources"][0]["uid"] == dashboards.DATASOURCE["uid"]
+
+
+def test_dashboards_are_well_formed() -> None:
+    for dashboard in dashboards.DASHBOARDS:
+        model = dashboards.build(dashboard)
+        assert model["schemaVersion"] == dashboards.SCHEMA_VERSION and model["uid"] == dashboard.uid
+        ids = [p["id"] for p in model["panels"]]
+        assert len(ids) == len(set(ids))
+        graphs = [p for p in model["panels"] if p["type"] != "row"]
+        assert graphs, dashboard.key
+        for panel in graphs:
+            assert panel["datasource"] == dashboards.DATASOURCE and panel["targets"], panel["title"]
+            assert {"x", "y", "w", "h"} <= set(panel["gridPos"])
+            assert all(t["expr"] and t["legendFormat"] for t in panel["targets"])
+
+
+def recording_rules() -> list[str]:
+    return [r["record"] for f in RULE_FILES for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"]
+            if "record" in r]  # fmt: skip
+
+
+def alert_rules() -> list[str]:
+    return [r["alert"] for f in RULE_FILES for g in yaml.safe_load(f.read_text())["groups"] for r in g["rules"]
+            if "alert" in r]  # fmt: skip
+
+
+def grafana_to_promql(expr: str) -> str:
+    """What Grafana sends with "All" models selected and a rate interval of 1 minute."""
+    return expr.replace(dashboards.MODEL_VAR, ".*").replace(dashboards.RATE, "1m")
+
+
+def config_copy(tmp_path: Path, gateway: str, vllm: dict[str, str]) -> Path:
+    """The committed config with the test's targets, 1 s intervals and absolute rule paths."""
+    config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["rule_files"] = [str((PROM_DIR / f).resolve()) for f in config["rule_files"]]
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert set(jobs) == {"gateway", "vllm"}, jobs
+    jobs["gateway"]["static_configs"] = [{"targets": [gateway]}]
+    jobs["vllm"]["static_configs"] = [{"targets": [addr], "labels": {"backend": b}} for b, addr in vllm.items()]
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@contextlib.contextmanager
+def prometheus(config: Path, data: Path) -> Iterator[str]:
+    port = free_port()
+    log = data.parent / "prometheus.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            prometheus_argv(binary("prometheus"), config, data, port),
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            try:
+                wait_http(f"{url}/-/ready", 30, proc)
+            except (RuntimeError, TimeoutError) as exc:
+                pytest.fail(f"Prometheus did not start ({exc}):\n{log.read_text(errors='replace')[-3000:]}")
+            yield url
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+
+def drive_traffic(url: str) -> None:
+    """Streaming and not, chat and completions, every model; errors: an unknown model and a backend's 400."""
+    msg = [{"role": "user", "content": "hello"}]
+    with httpx.Client(base_url=f"{url}/v1", timeout=30) as client:
+        for model, *_ in MODELS:
+            for _ in range(3):
+                with client.stream("POST", "/chat/completions", json={"model": model, "messages": msg,
+                                                                       "stream": True}) as r:  # fmt: skip
+                    assert r.status_code == 200 and "[DONE]" in r.read().decode()
+            assert client.post("/chat/completions", json={"model": model, "messages": msg}).status_code == 200
+            assert client.post("/completions", json={"model": model, "prompt": "hi"}).status_code == 200
+            bad = client.post("/chat/completions", json={"model": model, "messages": msg, "temperature": -1})
+            assert bad.status_code == 400, bad.text
+        assert client.post("/chat/completions", json={"model": "nope", "messages": msg}).status_code == 404
+
+
+def problems(base: str, name: str, expr: str, labels: tuple[str, ...]) -> str | None:
+    """None if ``expr`` returns series carrying ``labels`` (covering EXPECTED values) and a finite value; else why."""
+    try:
+        body = httpx.get(f"{base}/api/v1/query", params={"query": expr}, timeout=5).json()
+    except (httpx.HTTPError, ValueError) as exc:
+        return f"{name}: {exc!r}"
+    if body.get("status") != "success":
+        return f"{name}: {body.get('error')} in {expr}"
+    series: list[dict[str, Any]] = body["data"]["result"]
+    if not series:
+        return f"{name}: no series from {expr}"
+    for label in labels:
+        seen = {s["metric"].get(label, "") for s in series}
+        if "" in seen:
+            return f"{name}: a series without label {label!r}: {series}"
+        if not EXPECTED.get(label, set()) <= seen:
+            return f"{name}: {label} covers {sorted(seen)}, not {sorted(EXPECTED[label])}"
+    if not any(math.isfinite(float(s["value"][1])) for s in series):
+        return f"{name}: no finite value in {series}"
+    return None
+
+
+def rule_problems(base: str) -> list[str]:
+    groups = httpx.get(f"{base}/api/v1/rules", timeout=5).json()["data"]["groups"]
+    health = {r["name"]: r["health"] for g in groups for r in g["rules"]}
+    wanted = [*recording_rules(), *alert_rules()]
+    return [f"rule {name}: health {health.get(name, 'not loaded')}" for name in wanted if health.get(name) != "ok"]
+
+
+def test_every_rule_and_panel_query_answers(tmp_path: Path) -> None:
+    servers: list[ThreadServer] = []
+    try:
+        vllm: dict[str, str] = {}
+        for model, *_, backend in MODELS:
+            cfg = EmulatorConfig(model=model, ttft_ms=20, itl_ms=2, output_tokens=8)
+            servers.append(ThreadServer(create_emulator_app(cfg)).__enter__())
+            vllm[backend] = f"127.0.0.1:{servers[-1].port}"
+        settings = settings_for(
+            [{"name": b, "base_url": f"http://{vllm[b]}", "models": [m]} for m, *_, b in MODELS],
+            [card(m, f, v, o) for m, f, v, o, _ in MODELS],
+        )
+        servers.append(ThreadServer(create_app(settings)).__enter__())
+        gw = servers[-1]
+        config = config_copy(tmp_path, f"127.0.0.1:{gw.port}", vllm)
+        with prometheus(config, tmp_path / "data") as prom:
+            assert wait_scraped(prom, 4, 20) == 4, "Prometheus did not scrape the gateway and three emulators"
+            drive_traffic(gw.url)
+            checks = [(f"rule {name}", name, tuple(lbl for lbl in ("model", "origin") if name.startswith(lbl)))
+                      for name in recording_rules()]  # fmt: skip
+            checks += [
+                (f"{p.dashboard} / {p.title} / {q.legend}", grafana_to_promql(q.expr), q.labels)
+                for p in dashboards.PANELS
+                for q in p.queries
+            ]
+            deadline = time.monotonic() + SETTLE_S
+            while True:
+                failed = rule_problems(prom) + [
+                    why for name, expr, labels in checks if (why := problems(prom, name, expr, labels))
+                ]
+                if not failed or time.monotonic() > deadline:
+                    break
+                print(f"{len(failed)} not answering yet, e.g. {failed[0]}")
+                time.sleep(1)
+            assert not failed, "\n".join(failed)
+    finally:
+        for server in reversed(servers):
+            server.__exit__()
