@@ -56,13 +56,22 @@ class ParsedRequest:
     client_wants_usage: bool
 
 
-def parse_request(raw: bytes, endpoint: Endpoint) -> ParsedRequest:
+def json_object(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or InvalidRequest (400) saying what is wrong with it."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
+    return body
+
+
+def parse_request(raw: bytes, endpoint: Endpoint) -> ParsedRequest:
+    return parse_body(json_object(raw), endpoint)
+
+
+def parse_body(body: dict[str, Any], endpoint: Endpoint) -> ParsedRequest:
     try:
         head = _MODELS[endpoint].model_validate(body)
     except ValidationError as exc:

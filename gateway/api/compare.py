@@ -27,7 +27,7 @@ from gateway.asgi import race_disconnect
 from gateway.config import ModelCard
 from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, NotFound
 from gateway.fanout import Outcome, assemble, call_model
-from gateway.protocol import Endpoint, openapi_body, parse_request
+from gateway.protocol import Endpoint, json_object, openapi_body, parse_body
 from gateway.store import as_dict
 
 router = APIRouter()
@@ -49,15 +49,10 @@ def _models(gw: Gateway, body: dict[str, Any]) -> list[ModelCard]:
 
 
 def _parse(gw: Gateway, raw: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], list[ModelCard], bool, bool]:
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("request body must be a JSON object")
+    body = json_object(raw)
     cards = _models(gw, body)
     # the rest must be a valid ordinary request (a placeholder model stands in for the list)
-    parsed = parse_request(json.dumps({**body, "model": cards[0].id}).encode(), endpoint)
+    parsed = parse_body({**body, "model": cards[0].id}, endpoint)
     body.pop("model", None)
     return body, cards, parsed.stream, parsed.client_wants_usage
 
