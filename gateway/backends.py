@@ -51,6 +51,7 @@ class Backend:
             transport=transport,
         )
         self.healthy: bool | None = None  # None: not checked yet
+        self.failed_checks = 0  # health checks failed in a row
         self.in_flight = 0
 
     def replica(self) -> Replica:
@@ -85,12 +86,18 @@ class BackendPool:
 
     # -- health ------------------------------------------------------------------------------------------
     async def check(self, backend: Backend) -> bool:
+        """One active health check. A backend goes out after ``unhealthy_threshold`` failed checks in a row (a
+        busy server answering one check late is not down), and back in after one good check. The first check
+        decides at once, so /ready is right from the start. A refused connection on a real request takes it out
+        at once (see ``open``)."""
         try:
             r = await backend.client.get("/health", timeout=self.settings.gateway.health_check_timeout_s)
             ok = r.status_code == 200
         except httpx.HTTPError:
             ok = False
-        self._set_health(backend, ok)
+        backend.failed_checks = 0 if ok else backend.failed_checks + 1
+        if ok or backend.healthy is None or backend.failed_checks >= self.settings.gateway.unhealthy_threshold:
+            self._set_health(backend, ok)
         return ok
 
     def _set_health(self, backend: Backend, ok: bool) -> None:

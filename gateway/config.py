@@ -116,7 +116,8 @@ class GatewaySection(Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     health_check_interval_s: Annotated[float, Field(gt=0)] = 5.0
-    health_check_timeout_s: Annotated[float, Field(gt=0)] = 2.0
+    health_check_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    unhealthy_threshold: Annotated[int, Field(ge=1, description="failed checks in a row that take it out")] = 3
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     results_db: str = Field(default="results/gateway.sqlite", description="SQLite file of comparisons, or :memory:")
 
