@@ -93,3 +93,85 @@ class SlamServer:
         self._stop = True
         self._thread.join(2)
         self._sock.close()
+
+
+class TeeProxy:
+    """A TCP proxy in front of a real server that keeps every byte the server sent back, per connection, so a
+    test can compare what a client received through the gateway with what the backend really sent."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.received: list[bytearray] = []  # per connection: the server's bytes, in order
+        self._writers: list[asyncio.StreamWriter] = []
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", self.port))
+        self._ready.set()
+        self._loop.run_forever()
+        tasks = asyncio.all_tasks(self._loop)
+        for task in tasks:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        for writer in self._writers:
+            writer.close()
+        self._loop.run_until_complete(self._server.wait_closed())
+        self._loop.close()
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers += [client_w, server_w]
+        record = bytearray()
+        self.received.append(record)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, keep: bytearray | None) -> None:
+            try:
+                while data := await src.read(65536):
+                    if keep is not None:
+                        keep += data
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(client_r, server_w, None), pipe(server_r, client_w, record))
+
+    def __enter__(self) -> TeeProxy:
+        self._thread.start()
+        self._ready.wait(5)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._loop.call_soon_threadsafe(self._server.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def bodies(self) -> list[tuple[dict[str, str], bytes]]:
+        """Every HTTP/1.1 response the server sent: (headers, de-chunked body)."""
+        out = []
+        for raw in self.received:
+            data = bytes(raw)
+            while data:
+                head, _, data = data.partition(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")[1:]
+                headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+                body = b""
+                if headers.get("transfer-encoding") == "chunked":
+                    while True:
+                        size_line, _, data = data.partition(b"\r\n")
+                        size = int(size_line.split(b";")[0], 16)
+                        body, data = body + data[:size], data[size + 2 :]
+                        if size == 0:
+                            break
+                else:
+                    n = int(headers.get("content-length", "0"))
+                    body, data = data[:n], data[n:]
+                out.append((headers, body))
+        return out
