@@ -8,7 +8,6 @@ import contextlib
 import math
 import os
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from gateway.emulator import EmulatorConfig, create_emulator_app
 from gateway.prom import prometheus_argv, wait_scraped
 from gateway.supervisor import free_port
 from tests.conftest import card, settings_for
-from tests.servers import REPO, ThreadServer, wait_http
+from tests.servers import REPO, ThreadServer, stop_group, wait_http
 
 PROM_DIR = REPO / "deploy" / "prometheus"
 GRAFANA_DIR = REPO / "deploy" / "grafana"
@@ -135,13 +134,7 @@ def prometheus(config: Path, data: Path) -> Iterator[str]:
                 pytest.fail(f"Prometheus did not start ({exc}):\n{log.read_text(errors='replace')[-3000:]}")
             yield url
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            stop_group(proc)
 
 
 def drive_traffic(url: str) -> None:
