@@ -13,12 +13,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import __version__
 from gateway.backends import BackendPool
 from gateway.config import Settings
-from gateway.errors import GatewayError, InvalidRequest, NotFound, ServerError
+from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, ServerError
 from gateway.metrics import Metrics
 from gateway.mirror import Mirror
 from gateway.proxy import Recorder
@@ -48,6 +48,49 @@ class StampArrival:
         if scope["type"] == "http":
             scope["gateway.t0"] = time.perf_counter()
         await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """Pure ASGI middleware: a request body over ``limit`` bytes is answered 413 (an OpenAI error) without being
+    read: at once from its Content-Length, or as soon as a chunked body passes the limit."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.limit:
+                await self._refuse(send)
+                return
+            await self.app(scope, receive, send)
+            return
+        body, more, messages = 0, True, []
+        while more:  # chunked: read up to the limit, then replay what was read
+            message = await receive()
+            messages.append(message)
+            body += len(message.get("body", b""))
+            more = message.get("more_body", False) and message["type"] == "http.request"
+            if body > self.limit:
+                await self._refuse(send)
+                return
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Send) -> None:
+        err = PayloadTooLarge(f"request body larger than {self.limit} bytes (gateway.max_body_bytes)")
+        body = err.body_bytes()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]  # fmt: skip
+        await send({"type": "http.response.start", "status": err.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 def error_response(err: GatewayError, request_id: str | None = None) -> JSONResponse:
@@ -111,5 +154,6 @@ def create_app(
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         return error_response(ServerError(f"internal error: {type(exc).__name__}"))
 
+    app.add_middleware(BodyLimit, limit=settings.gateway.max_body_bytes)
     app.add_middleware(StampArrival)
     return app

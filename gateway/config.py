@@ -117,6 +117,7 @@ class GatewaySection(Strict):
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
     health_check_interval_s: Annotated[float, Field(gt=0)] = 5.0
     health_check_timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    max_body_bytes: Annotated[int, Field(ge=1024, description="larger request bodies get 413")] = 16 * 1024 * 1024
     unhealthy_threshold: Annotated[int, Field(ge=1, description="failed checks in a row that take it out")] = 3
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     results_db: str = Field(default="results/gateway.sqlite", description="SQLite file of comparisons, or :memory:")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
+from collections.abc import Iterator
 
 import httpx
 import openai
@@ -326,3 +327,25 @@ def test_health_check_takes_a_dead_replica_out_and_back() -> None:
                     for _ in range(4)
                 }
                 assert seen == {"steady", "flaky"}
+
+
+def test_body_over_the_limit_is_413_without_reaching_the_backend() -> None:
+    rec = Recorder()
+    with ThreadServer(rec.app()) as b, gateway_over(("rec", b.url, "m"), max_body_bytes=2048) as gw:
+        url = f"{gw.url}/v1/chat/completions"
+        big = {"model": "m", "messages": [{"role": "user", "content": "x" * 5000}]}
+        r = httpx.post(url, json=big)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+        def chunks(n: int) -> Iterator[bytes]:
+            yield b'{"model": "m", "messages": [{"role": "user", "content": "'
+            for _ in range(n):
+                yield b"y" * 500
+            yield b'"}]}'
+
+        r = httpx.post(url, content=chunks(10), headers={"content-type": "application/json"})  # chunked, too big
+        assert r.status_code == 413
+        assert rec.received == []  # neither reached the backend
+        r = httpx.post(url, content=chunks(2), headers={"content-type": "application/json"})  # chunked, fits
+        assert r.status_code == 200 and json.loads(rec.received[0][0])["messages"][0]["content"] == "y" * 1000
+        assert httpx.post(url, json={"model": "m", "messages": MSG}).status_code == 200
