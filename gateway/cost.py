@@ -33,8 +33,7 @@ def gpu_usd_per_1m_output(cost_per_hour_usd: float, output_tokens_per_s: float) 
     return cost_per_hour_usd / (output_tokens_per_s * 3600.0) * MILLION
 
 
-def gpu_usd_share(cost_per_hour_usd: float, window_s: float, tokens: int, window_tokens: int) -> float:
-    """A request's share of its backend's cost over a window, split by its share of the window's tokens."""
-    if window_tokens <= 0 or window_s <= 0:
-        return 0.0
-    return cost_per_hour_usd * window_s / 3600.0 * tokens / window_tokens
+def gpu_usd_of_call(cost_per_hour_usd: float, elapsed_s: float, mean_in_flight: float) -> float:
+    """One call's share of its backend's GPU cost: the backend's $/s x the call's wall-clock time / the mean
+    number of requests the backend served meanwhile (a continuously batched GPU is shared, not rented per call)."""
+    return cost_per_hour_usd / 3600.0 * elapsed_s / max(1.0, mean_in_flight)

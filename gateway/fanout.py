@@ -21,7 +21,7 @@ from typing import Any
 
 from gateway.backends import BackendPool, iter_body
 from gateway.config import ModelCard
-from gateway.cost import list_price_usd
+from gateway.cost import gpu_usd_of_call, list_price_usd
 from gateway.errors import GatewayError, UpstreamStreamError
 from gateway.protocol import Endpoint
 from gateway.proxy import Exchange, Recorder, close_upstream
@@ -186,7 +186,7 @@ async def call_model(
     elapsed = time.perf_counter() - ex.t0
     usage = observer.usage if error is None else None
     per_hour = pool.settings.backend_cost_per_hour(backend.config)
-    gpu = per_hour / 3600 * elapsed / max(1.0, sum(load) / len(load)) if error is None else None
+    gpu = gpu_usd_of_call(per_hour, elapsed, sum(load) / len(load)) if error is None else None
     listed = list_price_usd(card.list_price, usage.prompt_tokens, usage.completion_tokens) if usage else None
     if recorder:
         recorder.finished(ex, 200 if error is None else status, e2e=observer.e2e, usage=usage, observer=observer)

@@ -22,7 +22,7 @@ e2e_s              REAL     to the last token-bearing chunk
 prompt_tokens      INTEGER  from vLLM's usage
 completion_tokens  INTEGER  from vLLM's usage
 output_tps         REAL     1 / tpot: output tokens per second seen by this request
-cost_gpu_usd       REAL     share of the backend's GPU cost (see cost.gpu_usd_share)
+cost_gpu_usd       REAL     share of the backend's GPU cost (see cost.gpu_usd_of_call)
 cost_list_usd      REAL     usage x the card's list prices
 finish_reason      TEXT
 text               TEXT     the answer (NULL when not kept: mirrored traffic keeps none by default)

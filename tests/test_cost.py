@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import ListPrice
-from gateway.cost import blended_price_per_1m, gpu_usd_per_1m_output, gpu_usd_share, list_price_usd
+from gateway.cost import blended_price_per_1m, gpu_usd_of_call, gpu_usd_per_1m_output, list_price_usd
 
 
 def test_list_price() -> None:
@@ -26,7 +26,7 @@ def test_gpu_time_basis(per_hour: float, tok_s: float, expected: float | None) -
     assert gpu_usd_per_1m_output(per_hour, tok_s) == (pytest.approx(expected) if expected else None)
 
 
-def test_gpu_share_splits_window_cost_by_tokens() -> None:
-    # one hour of a $3/h backend, a request that produced a quarter of the hour's tokens pays a quarter
-    assert gpu_usd_share(3.0, 3600, 250, 1000) == pytest.approx(0.75)
-    assert gpu_usd_share(3.0, 3600, 250, 0) == 0.0
+def test_gpu_cost_of_a_call_is_its_share_of_a_batched_gpu() -> None:
+    # 36 s on a $3.60/h backend that served 4 requests at a time on average: a quarter of $0.036
+    assert gpu_usd_of_call(3.6, 36.0, 4.0) == pytest.approx(0.009)
+    assert gpu_usd_of_call(3.6, 36.0, 0.5) == pytest.approx(0.036)  # never more than the whole GPU's time
