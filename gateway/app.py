@@ -94,7 +94,9 @@ class BodyLimit:
 
 
 def error_response(err: GatewayError, request_id: str | None = None) -> JSONResponse:
-    headers = {"x-request-id": request_id} if request_id else None
+    headers = err.headers()
+    if request_id:
+        headers["x-request-id"] = request_id
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 

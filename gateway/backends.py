@@ -1,8 +1,13 @@
 """Backends: one pooled ``httpx.AsyncClient`` per vLLM server, its health, and opening upstream requests.
 
 ``BackendPool.open`` is the only place a request can fail over: it tries replicas (chosen by the router) until
-one answers with a status other than a connection failure, timeout or 5xx, and hands back the open response
-*before any byte has gone to the client*. After that, errors travel in-band (see ``streaming``).
+one answers with a status other than a connection failure, timeout, 5xx or 429 (a stream: until its first chunk
+arrived), and hands back the open response *before any byte has gone to the client*. Retries are bounded by
+``retry.max_attempts`` and by the model's retry budget; consecutive failures eject a backend (its circuit breaker)
+until a probe request succeeds. After the first byte, errors travel in-band (see ``proxy``).
+
+Overload: a backend at ``max_concurrency`` takes no more; a request that finds every replica busy waits in the
+model's FIFO queue (bounded by the replicas' ``max_queue`` and ``gateway.queue_timeout_s``), else gets 429.
 """
 
 from __future__ import annotations
@@ -10,28 +15,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
+import anyio
 import httpx
 
 from gateway.config import BackendConfig, Settings
 from gateway.errors import (
     GatewayError,
     NoHealthyBackend,
-    UpstreamBadResponse,
+    Overloaded,
     UpstreamStreamError,
     UpstreamTimeout,
     UpstreamUnreachable,
+    status_reason,
 )
 from gateway.metrics import Metrics
+from gateway.resilience import CircuitBreaker, RetryBudget
 from gateway.routing import ModelTable, Replica, Router
 
 log = logging.getLogger("gateway.backends")
 
 
 class Backend:
-    def __init__(self, config: BackendConfig, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self, config: BackendConfig, breaker: CircuitBreaker, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
         self.config = config
         self.name = config.name
         t = config.timeouts
@@ -50,18 +61,45 @@ class Backend:
             ),
             transport=transport,
         )
+        # Streams: no per-read timeout inside httpx; the first token and every later chunk get their own deadline.
+        self.stream_timeout = httpx.Timeout(connect=t.connect, read=None, write=t.write, pool=t.pool)
+        self.breaker = breaker
         self.healthy: bool | None = None  # None: not checked yet
         self.failed_checks = 0  # health checks failed in a row
         self.in_flight = 0
 
+    def has_slot(self) -> bool:
+        limit = self.config.max_concurrency
+        return limit is None or self.in_flight < limit
+
+    def usable(self) -> bool:
+        return self.healthy is True and self.breaker.available()
+
     def replica(self) -> Replica:
-        return Replica(self.name, self.healthy is True, self.in_flight)
+        return Replica(self.name, self.usable() and self.has_slot(), self.in_flight)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Upstream:
+    """An open response. ``first`` is a stream's first chunk, read before anything went to the client; ``stall``
+    bounds the silence between later chunks. ``release`` must be called exactly once when the call is over."""
+
     backend: Backend
     response: httpx.Response
+    pool: BackendPool
+    first: bytes | None = None
+    chunks: AsyncIterator[bytes] | None = None
+    stall: float | None = None
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.pool.release(self.backend)
+
+    def broke(self, reason: str) -> None:
+        """The backend failed after the response began: counted, and held against it by its breaker."""
+        self.pool.failed(self.backend, reason)
 
 
 class BackendPool:
@@ -73,7 +111,11 @@ class BackendPool:
     ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.backends = {b.name: Backend(b, (transports or {}).get(b.name)) for b in settings.backends}
+        bp, rp = settings.gateway.breaker, settings.gateway.retry
+        self.backends = {
+            b.name: Backend(b, CircuitBreaker(bp.failures, bp.open_s, bp.max_open_s), (transports or {}).get(b.name))
+            for b in settings.backends
+        }
         aliases: dict[str, str] = {}
         for card in settings.models:
             aliases[card.id] = card.id
@@ -82,6 +124,9 @@ class BackendPool:
             aliases, {c.id: [b.name for b in settings.backends if c.id in b.models] for c in settings.models}
         )
         self.router = Router()
+        self.budgets = {m: RetryBudget(rp.budget_ratio, rp.min_per_s) for m in self.table.models}
+        self._waiters: dict[str, deque[asyncio.Future[None]]] = {m: deque() for m in self.table.models}
+        self._models_of = {b.name: b.models for b in settings.backends}
         self._health_task: asyncio.Task[None] | None = None
 
     # -- health ------------------------------------------------------------------------------------------
@@ -137,63 +182,193 @@ class BackendPool:
             for model in self.table.models
         }
 
-    # -- requests ----------------------------------------------------------------------------------------
-    def _error(self, backend: Backend, reason: str) -> None:
+    # -- outcomes --------------------------------------------------------------------------------------------
+    def failed(self, backend: Backend, reason: str) -> None:
+        """A failure of the backend itself (not of the client's request): counted and held against it."""
         self.metrics.upstream_errors.labels(backend.name, reason).inc()
+        if reason == "status_429":
+            backend.breaker.release()  # busy, not broken
+        elif backend.breaker.failure():
+            log.warning("backend %s ejected for %g s after %d failures in a row (last: %s)", backend.name,
+                        backend.breaker.open_s, backend.breaker.failures, reason)  # fmt: skip
+        self.metrics.circuit_state.labels(backend.name).set(backend.breaker.state)
 
-    async def open(self, model: str, path: str, body: bytes, headers: dict[str, str]) -> Upstream:
-        """Send the request to a replica of ``model``; fail over on connect errors, timeouts and 5xx.
+    def succeeded(self, backend: Backend) -> None:
+        if backend.breaker.success():
+            log.info("backend %s is back in rotation (probe succeeded)", backend.name)
+        self.metrics.circuit_state.labels(backend.name).set(backend.breaker.state)
 
-        The returned response is open (streaming) and must be closed by the caller; the chosen backend's
-        ``in_flight`` has been incremented and must be decremented by the caller.
+    def release(self, backend: Backend) -> None:
+        """A call on ``backend`` is over: free its slot and wake the first request waiting for one."""
+        backend.in_flight -= 1
+        backend.breaker.release()
+        for model in self._models_of[backend.name]:
+            waiters = self._waiters[model]
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
+
+    # -- requests ----------------------------------------------------------------------------------------
+    async def _pick(self, model: str, tried: list[str], *, retrying: bool) -> Backend:
+        """A usable replica with a free slot, waiting in the model's queue when all are busy (first tries only).
+
+        Raises NoHealthyBackend when no replica is usable, Overloaded when the queue is full or the wait too long.
         """
-        tried: list[str] = []
-        last: GatewayError | None = None
         names = self.table.backends_of(model)
+        deadline: float | None = None
         while True:
-            name = self.router.pick(model, (self.backends[n].replica() for n in names), tried)
-            if name is None:
-                if last is not None:
-                    raise last
-                raise NoHealthyBackend(f"no healthy backend serves model {model!r}")
-            backend = self.backends[name]
-            tried.append(name)
-            backend.in_flight += 1
-            request = backend.client.build_request("POST", path, content=body, headers=headers)
+            candidates = [self.backends[n] for n in names if n not in tried]
+            name = self.router.pick(model, (b.replica() for b in candidates))
+            if name is not None:
+                backend = self.backends[name]
+                backend.breaker.acquire()
+                self.metrics.circuit_state.labels(name).set(backend.breaker.state)
+                return backend
+            usable = [b for b in candidates if b.usable()]
+            if not usable or retrying:
+                open_for = [b.breaker.retry_after() for b in candidates if b.healthy and not b.breaker.available()]
+                raise NoHealthyBackend(
+                    f"no healthy backend serves model {model!r}"
+                    + (" (ejected after repeated failures)" if open_for else ""),
+                    retry_after=min(open_for) if open_for else None,
+                )
+            waiters = self._waiters[model]
+            if len(waiters) >= sum(b.config.max_queue for b in usable):
+                self.metrics.rejected.labels(model, "overloaded").inc()
+                raise Overloaded(f"model {model!r} is at capacity and its queue is full", retry_after=1)
+            loop = asyncio.get_running_loop()
+            deadline = deadline or loop.time() + self.settings.gateway.queue_timeout_s
+            waiter: asyncio.Future[None] = loop.create_future()
+            waiters.append(waiter)
+            gauge = self.metrics.queued.labels(model)
+            gauge.inc()
             try:
-                response = await backend.client.send(request, stream=True)
-            except httpx.TimeoutException as exc:
-                backend.in_flight -= 1
-                self._error(backend, "timeout")
-                last = UpstreamTimeout(f"backend {name} timed out ({type(exc).__name__})")
-                continue
-            except httpx.TransportError as exc:
-                backend.in_flight -= 1
-                self._error(backend, "connect")
-                self._set_health(backend, False)
-                last = UpstreamUnreachable(f"backend {name} is unreachable ({type(exc).__name__})")
+                with anyio.fail_after(max(0.0, deadline - loop.time())):
+                    await waiter
+            except TimeoutError:
+                self.metrics.rejected.labels(model, "queue_timeout").inc()
+                raise Overloaded(
+                    f"model {model!r} stayed at capacity for {self.settings.gateway.queue_timeout_s:g} s",
+                    retry_after=1,
+                ) from None
+            finally:
+                gauge.dec()
+                if not waiter.done():
+                    waiter.cancel()
+                    with contextlib.suppress(ValueError):
+                        waiters.remove(waiter)
+
+    async def open(self, model: str, path: str, body: bytes, headers: dict[str, str], *, stream: bool) -> Upstream:
+        """Send the request to a replica of ``model``, retrying another replica (within the retry budget) on a
+        connect error, a timeout, a 5xx or 429, or a stream that broke before its first chunk.
+
+        The returned upstream is open and holds a slot on its backend: the caller must ``close_upstream`` and
+        ``release`` it. A stream's 200 response comes with its first chunk already read. When no retry is left, a
+        backend's own error answer is returned as it is (its body goes to the client) and a failure is raised.
+        """
+        self.budgets[model].request()
+        tried: list[str] = []
+        while True:
+            backend = await self._pick(model, tried, retrying=bool(tried))
+            tried.append(backend.name)
+            backend.in_flight += 1
+            upstream = Upstream(backend, _NO_RESPONSE, self)
+            try:
+                await self._send(upstream, path, body, headers, stream)
+            except GatewayError as err:
+                upstream.release()
+                reason = err.upstream_reason or "bad_response"
+                self.failed(backend, reason)
+                if reason == "connect":
+                    self._set_health(backend, False)
+                err.counted = True
+                if not self._may_retry(model, tried, reason):
+                    raise
                 continue
             except BaseException:
-                backend.in_flight -= 1
+                await close_upstream(upstream)
+                upstream.release()
                 raise
-            if response.status_code >= 500 and len(tried) < len(names):
-                # Another replica may still answer: nothing has been sent to the client yet.
-                self._error(backend, "status_5xx")
-                await response.aclose()
-                backend.in_flight -= 1
-                last = UpstreamBadResponse(f"backend {name} answered {response.status_code}")
-                continue
-            return Upstream(backend, response)
+            bad = status_reason(upstream.response.status_code)
+            if bad is None:
+                self.succeeded(backend)
+                return upstream
+            self.failed(backend, bad)
+            if not self._may_retry(model, tried, bad):
+                return upstream
+            await close_upstream(upstream)
+            upstream.release()
+
+    def _may_retry(self, model: str, tried: list[str], reason: str) -> bool:
+        """Another try is allowed: attempts left, an untried replica free right now (retries never queue), and
+        budget left."""
+        if len(tried) >= self.settings.gateway.retry.max_attempts:
+            return False
+        if not any(self.backends[n].replica().healthy for n in self.table.backends_of(model) if n not in tried):
+            return False
+        if not self.budgets[model].try_retry():
+            self.metrics.retries_denied.labels(model).inc()
+            return False
+        self.metrics.retries.labels(model, reason).inc()
+        return True
+
+    async def _send(self, upstream: Upstream, path: str, body: bytes, headers: dict[str, str], stream: bool) -> None:
+        backend = upstream.backend
+        name, client, t = backend.name, backend.client, backend.config.timeouts
+        try:
+            if not stream:
+                request = client.build_request("POST", path, content=body, headers=headers)
+                upstream.response = await client.send(request, stream=True)
+                return
+            request = client.build_request("POST", path, content=body, headers=headers, timeout=backend.stream_timeout)
+            with anyio.fail_after(t.first_token):
+                upstream.response = await client.send(request, stream=True)
+                upstream.stall = t.stall
+                if upstream.response.status_code != 200:
+                    return
+                upstream.chunks = upstream.response.aiter_raw()
+                upstream.first = await anext(upstream.chunks, b"")
+        except (httpx.TimeoutException, TimeoutError) as exc:
+            await close_upstream(upstream)
+            what = "first token" if isinstance(exc, TimeoutError) else type(exc).__name__
+            raise UpstreamTimeout(f"backend {name} timed out ({what})") from None
+        except httpx.TransportError as exc:
+            if upstream.response is _NO_RESPONSE:
+                raise UpstreamUnreachable(f"backend {name} is unreachable ({type(exc).__name__})") from None
+            await close_upstream(upstream)
+            raise UpstreamStreamError(f"backend {name} broke the stream off before its first chunk") from None
+
+
+_NO_RESPONSE = httpx.Response(599)
+
+
+async def close_upstream(upstream: Upstream) -> None:
+    if upstream.response is not _NO_RESPONSE:
+        with anyio.CancelScope(shield=True):
+            await upstream.response.aclose()
 
 
 async def iter_body(upstream: Upstream) -> AsyncIterator[bytes]:
-    """The response's bytes as they arrive; transport failures become gateway errors (for in-band reporting)."""
+    """The response's bytes as they arrive (a stream's pre-read first chunk first); a silence longer than the
+    stall timeout and transport failures become gateway errors (for in-band reporting)."""
     name = upstream.backend.name
+    if upstream.first is not None:
+        first, upstream.first = upstream.first, None
+        if first:
+            yield first
+    chunks = upstream.chunks if upstream.chunks is not None else upstream.response.aiter_raw()
+    stall = upstream.stall
     try:
-        async for chunk in upstream.response.aiter_raw():
+        while True:
+            with anyio.fail_after(stall):
+                chunk = await anext(chunks, None)
+            if chunk is None:
+                return
             yield chunk
-    except httpx.TimeoutException:
-        raise UpstreamTimeout(f"backend {name} stopped sending (read timeout)") from None
+    except (httpx.TimeoutException, TimeoutError):
+        raise UpstreamTimeout(f"backend {name} stopped sending (nothing for {stall or 0:g} s)") from None
     except httpx.HTTPError as exc:
         raise UpstreamStreamError(f"backend {name} broke the response off ({type(exc).__name__})") from None
 

@@ -66,8 +66,13 @@ class ModelCard(Strict):
 
 
 class Timeouts(Strict):
+    """Seconds. A stream is failed over to another replica if its first token is late (nothing has reached the
+    client yet); once it has begun, a stall ends it with an in-band error event."""
+
     connect: Annotated[float, Field(gt=0)] = 5.0
-    read: Annotated[float, Field(gt=0, description="first byte and every later chunk")] = 300.0
+    first_token: Annotated[float, Field(gt=0, description="streams: request sent -> first body chunk")] = 120.0
+    stall: Annotated[float, Field(gt=0, description="streams: the longest silence between two chunks")] = 60.0
+    read: Annotated[float, Field(gt=0, description="non-streaming: request sent -> whole answer read")] = 300.0
     write: Annotated[float, Field(gt=0)] = 30.0
     pool: Annotated[float, Field(gt=0)] = 10.0
 
@@ -97,6 +102,12 @@ class BackendConfig(Strict):
     api_key_env: Annotated[str, Field(pattern=ENV_VAR_PATTERN)] | None = None
     timeouts: Timeouts = Timeouts()
     max_connections: Annotated[int, Field(ge=1)] = 2048
+    max_concurrency: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="requests in flight at once; more wait in the model's queue (default: no limit)"
+    )
+    max_queue: Annotated[int, Field(ge=0)] = Field(
+        default=100, description="requests that may wait for this backend when it is at max_concurrency"
+    )
     gpu: Gpu | None = Field(default=None, description="overrides the model card's GPU for this replica")
     emulator: EmulatorSpec | None = None
     vllm_cpu: VllmCpuSpec | None = None
@@ -112,6 +123,22 @@ class BackendConfig(Strict):
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
+class RetryPolicy(Strict):
+    """Retries happen only before the first byte reached the client, on another replica, within a budget."""
+
+    max_attempts: Annotated[int, Field(ge=1, description="tries per request, the first included")] = 3
+    budget_ratio: Annotated[float, Field(ge=0, le=1, description="retries / requests over the last 10 s")] = 0.2
+    min_per_s: Annotated[float, Field(ge=0, description="retries per second always allowed")] = 3.0
+
+
+class BreakerPolicy(Strict):
+    """Outlier ejection per backend: ``failures`` in a row open it, a probe after ``open_s`` may close it."""
+
+    failures: Annotated[int, Field(ge=1)] = 5
+    open_s: Annotated[float, Field(gt=0)] = 10.0
+    max_open_s: Annotated[float, Field(gt=0)] = 300.0
+
+
 class GatewaySection(Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
@@ -121,6 +148,10 @@ class GatewaySection(Strict):
     unhealthy_threshold: Annotated[int, Field(ge=1, description="failed checks in a row that take it out")] = 3
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     results_db: str = Field(default="results/gateway.sqlite", description="SQLite file of comparisons, or :memory:")
+    retry: RetryPolicy = RetryPolicy()
+    breaker: BreakerPolicy = BreakerPolicy()
+    queue_timeout_s: Annotated[float, Field(gt=0, description="longest wait in a full backend's queue")] = 30.0
+    drain_s: Annotated[float, Field(ge=0, description="on SIGTERM: time in-flight requests get to finish")] = 30.0
 
 
 class Settings(Strict):

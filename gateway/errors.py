@@ -12,11 +12,18 @@ Every failure the gateway itself reports is one of these classes. Each class map
     GatewayError
     ├── ClientError                 4xx, the caller's fault; never retried
     │   ├── InvalidRequest          400  invalid JSON, wrong types, missing fields
+    │   ├── Unauthorized            401  missing or unknown API key (when keys are configured)
+    │   ├── PermissionDenied        403  the key may not use that model
     │   ├── NotFound                404  no such route
     │   │   └── ModelNotFound       404  no configured model or alias of that name
-    │   └── PayloadTooLarge         413
+    │   ├── PayloadTooLarge         413
+    │   ├── UnsupportedMediaType    415  a body that is not application/json
+    │   ├── RateLimited             429  the key's requests or tokens per minute are spent   (Retry-After)
+    │   ├── Overloaded              429  every replica is at max_concurrency and the queue is full (Retry-After)
+    │   └── HeadersTooLarge         431
     └── ServerError                 5xx, ours or a backend's
-        ├── NoHealthyBackend        503  every replica is down or ejected
+        ├── NoHealthyBackend        503  every replica is down or ejected               (Retry-After if ejected)
+        ├── ShuttingDown            503  the gateway is draining
         ├── UpstreamUnreachable     502  connection refused / reset before a response
         ├── UpstreamTimeout         504  connect or read timeout
         ├── UpstreamBadResponse     502  non-JSON error page, malformed stream
@@ -28,6 +35,7 @@ A backend's own 4xx (and OpenAI-shaped 5xx) is not wrapped: its status and body 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, ClassVar
 
 DONE = b"data: [DONE]\n\n"
@@ -39,10 +47,17 @@ class GatewayError(Exception):
     code: ClassVar[str | None] = None
     upstream_reason: ClassVar[str | None] = None
 
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(self, message: str, *, param: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.retry_after = retry_after  # seconds, sent as Retry-After (rounded up)
+        self.counted = False  # already in gateway_upstream_errors_total (by the pool, with its backend)
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        return {"retry-after": str(max(1, math.ceil(self.retry_after)))}
 
     def body(self) -> dict[str, Any]:
         return {
@@ -72,6 +87,17 @@ class InvalidRequest(ClientError):
     code = "invalid_request"
 
 
+class Unauthorized(ClientError):
+    status = 401
+    code = "invalid_api_key"
+
+
+class PermissionDenied(ClientError):
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+
 class NotFound(ClientError):
     status = 404
     type = "not_found_error"
@@ -87,6 +113,30 @@ class PayloadTooLarge(ClientError):
     code = "payload_too_large"
 
 
+class UnsupportedMediaType(ClientError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class RateLimited(ClientError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class Overloaded(ClientError):
+    """Not the client's fault, but 429 is what clients back off on (OpenAI's SDK retries it after Retry-After)."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "overloaded"
+
+
+class HeadersTooLarge(ClientError):
+    status = 431
+    code = "headers_too_large"
+
+
 class ServerError(GatewayError):
     status = 500
     type = "server_error"
@@ -96,6 +146,12 @@ class NoHealthyBackend(ServerError):
     status = 503
     type = "service_unavailable"
     code = "no_healthy_backend"
+
+
+class ShuttingDown(ServerError):
+    status = 503
+    type = "service_unavailable"
+    code = "shutting_down"
 
 
 class UpstreamUnreachable(ServerError):

@@ -19,12 +19,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.backends import BackendPool, iter_body
+from gateway.backends import BackendPool, close_upstream, iter_body
 from gateway.config import ModelCard
 from gateway.cost import gpu_usd_of_call, list_price_usd
 from gateway.errors import GatewayError, UpstreamStreamError
 from gateway.protocol import Endpoint
-from gateway.proxy import Exchange, Recorder, close_upstream
+from gateway.proxy import Exchange, Recorder
 from gateway.store import CallResult
 from gateway.streaming import SSEFramer, StreamObserver
 
@@ -140,7 +140,7 @@ async def call_model(
     chunks: list[dict[str, Any]] = []
     headers = {"content-type": "application/json", "x-request-id": request_id, "accept-encoding": "identity"}
     try:
-        upstream = await pool.open(model, path, streaming_body(body, model), headers)
+        upstream = await pool.open(model, path, streaming_body(body, model), headers, stream=True)
     except GatewayError as err:
         if recorder:
             recorder.failed(ex, err.status)
@@ -172,16 +172,19 @@ async def call_model(
                     if on_event is not None and (forward_usage or not usage_only) and observer.error is None:
                         await on_event(model, event.data.encode())
             if observer.error is not None:
+                upstream.broke("stream_error")
                 error, status = observer.error, 502
             elif not observer.done:
                 raise UpstreamStreamError(f"backend {backend.name} ended the stream without [DONE]")
     except GatewayError as err:
+        upstream.broke(err.upstream_reason or "bad_response")
         error, status = err.body()["error"], err.status
     except ValueError as err:
+        upstream.broke("bad_response")
         error, status = {"message": f"backend {backend.name} sent a malformed stream: {err}"}, 502
     finally:
         await close_upstream(upstream)
-        backend.in_flight -= 1
+        upstream.release()
         series.in_flight.dec()
     elapsed = time.perf_counter() - ex.t0
     usage = observer.usage if error is None else None

@@ -93,6 +93,27 @@ class Metrics:
         self.upstream_errors = Counter(
             "gateway_upstream_errors", "Backend failures by reason.", ("backend", "reason"), registry=registry
         )
+        self.circuit_state = Gauge(
+            "gateway_backend_circuit_state",
+            "Outlier ejection: 0 closed (in rotation), 1 half-open (one probe request allowed), 2 open (ejected).",
+            ("backend",), registry=registry,
+        )  # fmt: skip
+        self.retries = Counter(
+            "gateway_retries", "Requests sent again to another replica (before any byte reached the client).",
+            ("model", "reason"), registry=registry,
+        )  # fmt: skip
+        self.retries_denied = Counter(
+            "gateway_retry_budget_exhausted", "Retries not made because the model's retry budget was spent.",
+            ("model",), registry=registry,
+        )  # fmt: skip
+        self.queued = Gauge(
+            "gateway_queue_waiting", "Requests waiting for a backend slot (every replica at max_concurrency).",
+            ("model",), registry=registry,
+        )  # fmt: skip
+        self.rejected = Counter(
+            "gateway_rejected", "Requests refused before reaching a backend, by reason.", ("model", "reason"),
+            registry=registry,
+        )  # fmt: skip
         self.cost = Counter(
             "gateway_cost_usd",
             "Client-facing cost; basis=list_price is usage x the model card's list prices.",
@@ -162,12 +183,15 @@ class Metrics:
             ).set(1)  # fmt: skip
         for backend in settings.backends:
             self.backend_up.labels(backend.name)
+            self.circuit_state.labels(backend.name).set(0)
             self.backend_cost_per_hour.labels(backend.name).set(settings.backend_cost_per_hour(backend))
             for reason in UPSTREAM_REASONS:
                 self.upstream_errors.labels(backend.name, reason)
             for model in backend.models:
                 self.backend_info.labels(backend.name, model).set(1)
                 self.series(model, backend.name)
+                self.queued.labels(model)
+                self.retries_denied.labels(model)
                 for endpoint in ENDPOINTS:
                     self.requests.labels(model, backend.name, endpoint, "200")
                     self.duration.labels(model, backend.name, endpoint)

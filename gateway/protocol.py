@@ -59,8 +59,12 @@ class ParsedRequest:
 def json_object(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or InvalidRequest (400) saying what is wrong with it."""
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        text = raw.decode("utf-8")  # strict: JSON exchanged between systems is UTF-8 (RFC 8259)
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
@@ -98,7 +102,12 @@ def upstream_body(parsed: ParsedRequest, raw: bytes, model_id: str) -> bytes:
         opts = body.get("stream_options")
         body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
         changed = True
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() if changed else raw
+    if not changed:
+        return raw
+    try:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # a lone surrogate written as an escape ("\ud800"): keep it an escape
+        return json.dumps(body, separators=(",", ":")).encode()
 
 
 # Documented request bodies for the OpenAPI schema (the handlers read the raw body themselves so that invalid

@@ -15,12 +15,11 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway.asgi import race_disconnect
-from gateway.backends import Upstream, iter_body, read_body
+from gateway.backends import Upstream, close_upstream, iter_body, read_body
 from gateway.config import ModelCard
 from gateway.cost import list_price_usd
 from gateway.errors import GatewayError, UpstreamStreamError
@@ -100,16 +99,6 @@ def response_headers(ex: Exchange, content_type: str, extra: dict[str, str] | No
     return [(k.encode(), v.encode()) for k, v in headers.items()]
 
 
-def _release(upstream: Upstream, ex: Exchange, metrics: Metrics) -> None:
-    upstream.backend.in_flight -= 1
-    metrics.series(ex.model, ex.backend).in_flight.dec()
-
-
-async def close_upstream(upstream: Upstream) -> None:
-    with anyio.CancelScope(shield=True):
-        await upstream.response.aclose()
-
-
 class RelayResponse(Response):
     """Streams an open upstream SSE response to the client (see the module docstring).
 
@@ -159,7 +148,8 @@ class RelayResponse(Response):
             status = CLIENT_CLOSED
         finally:
             await close_upstream(self.upstream)
-            _release(self.upstream, ex, self.recorder.metrics)
+            self.upstream.release()
+            self.recorder.metrics.series(ex.model, ex.backend).in_flight.dec()
             self.recorder.finished(
                 ex,
                 status,
@@ -175,7 +165,7 @@ class RelayResponse(Response):
         after that (clients often hang up on ``[DONE]``) does not make a delivered stream a 499."""
         observer, strip = self.observer, self.strip_usage
         framer = SSEFramer()
-        metrics, backend = self.recorder.metrics, self.ex.backend
+        backend = self.ex.backend
         try:
             async for data in iter_body(self.upstream):
                 out = []
@@ -183,9 +173,9 @@ class RelayResponse(Response):
                     if observer.observe(event) and strip:
                         continue
                     out.append(event.raw)
-                if observer.done:
+                if observer.done and self.settled is None:
                     if observer.error is not None:
-                        metrics.upstream_errors.labels(backend, "stream_error").inc()
+                        self.upstream.broke("stream_error")
                     self.settled = 200 if observer.error is None else 500
                 if out:
                     await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
@@ -204,7 +194,7 @@ class RelayResponse(Response):
 
     async def _fail(self, send: Send, err: GatewayError, reason: str | None) -> int:
         if reason:
-            self.recorder.metrics.upstream_errors.labels(self.ex.backend, reason).inc()
+            self.upstream.broke(reason)
         self.settled = err.status
         await send({"type": "http.response.body", "body": err.sse_event(), "more_body": False})
         return err.status

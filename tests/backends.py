@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ class Recorder:
     body: bytes = b'{"choices":[{"message":{"content":"ok"}}],"usage":{"prompt_tokens":2,"completion_tokens":3}}'
     status: int = 200
     content_type: str = "application/json"
-    chunks: list[bytes] = field(default_factory=list)
+    chunks: Sequence[bytes | Pause | Die] = field(default_factory=list)
     chunk_delay: float = 0.0
     delay: float = 0.0
     received: list[tuple[bytes, dict[str, str]]] = field(default_factory=list)
@@ -51,9 +51,26 @@ class Recorder:
 
     async def _stream(self) -> AsyncIterator[bytes]:
         for chunk in self.chunks:
+            if isinstance(chunk, Pause):
+                await asyncio.sleep(chunk.seconds)
+                continue
+            if isinstance(chunk, Die):
+                raise ConnectionAbortedError("scripted death mid-stream")  # uvicorn drops the connection
             if self.chunk_delay:
                 await asyncio.sleep(self.chunk_delay)
             yield chunk
+
+
+@dataclass(frozen=True)
+class Pause:
+    """In ``Recorder.chunks``: wait this long before the next chunk (the response headers are already out)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Die:
+    """In ``Recorder.chunks``: the backend dies here, the connection closes without the chunked terminator."""
 
 
 class SlamServer:

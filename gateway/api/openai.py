@@ -84,7 +84,7 @@ async def proxy(request: Request, endpoint: Endpoint, path: str) -> Response:
 
     async def call() -> tuple[Upstream, bytes | None]:
         """Open upstream; for a stream that succeeded, hand it over open, else read the whole body."""
-        upstream = await gw.pool.open(model, path, body, headers)
+        upstream = await gw.pool.open(model, path, body, headers, stream=parsed.stream)
         ex.backend = upstream.backend.name
         series = gw.metrics.series(model, ex.backend)
         series.in_flight.inc()
@@ -93,7 +93,7 @@ async def proxy(request: Request, endpoint: Endpoint, path: str) -> Response:
         try:
             return upstream, await read_upstream(upstream)
         finally:
-            upstream.backend.in_flight -= 1
+            upstream.release()
             series.in_flight.dec()
 
     sent = time.perf_counter()
@@ -132,7 +132,7 @@ def _raw(ex: Exchange, status: int, body: bytes, extra: dict[str, str] | None = 
 
 
 def _failed(gw: Gateway, ex: Exchange, err: GatewayError) -> JSONResponse:
-    if err.upstream_reason:
+    if err.upstream_reason and not err.counted:
         gw.metrics.upstream_errors.labels(ex.backend, err.upstream_reason).inc()
     gw.recorder.failed(ex, err.status)
     response = error_response(err, ex.request_id)
@@ -141,15 +141,15 @@ def _failed(gw: Gateway, ex: Exchange, err: GatewayError) -> JSONResponse:
 
 
 def _upstream_error(gw: Gateway, ex: Exchange, status: int, body: bytes, retry_after: str | None) -> Response:
-    """A backend's error status: passed through with its body when that body is an error object."""
+    """A backend's error status: passed through with its body when that body is an error object. (A 5xx or 429
+    was already counted by the pool.)"""
     try:
         ok = isinstance(json.loads(body), dict)
     except ValueError:
         ok = False
     if not ok:
-        return _failed(gw, ex, UpstreamBadResponse(f"backend {ex.backend} answered {status} with a non-JSON body"))
-    reason = status_reason(status)
-    if reason:
-        gw.metrics.upstream_errors.labels(ex.backend, reason).inc()
+        err = UpstreamBadResponse(f"backend {ex.backend} answered {status} with a non-JSON body")
+        err.counted = status_reason(status) is not None
+        return _failed(gw, ex, err)
     gw.recorder.failed(ex, status)
     return _raw(ex, status, body, {"retry-after": retry_after} if retry_after else None)
