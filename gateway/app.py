@@ -3,26 +3,41 @@ owns the backend clients and the health-check task."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, start_http_server
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import __version__
+from gateway.auth import Keyring
 from gateway.backends import BackendPool
 from gateway.config import Settings
-from gateway.errors import GatewayError, InvalidRequest, NotFound, PayloadTooLarge, ServerError
-from gateway.metrics import Metrics
+from gateway.errors import (
+    GatewayError,
+    HeadersTooLarge,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+    ServerError,
+    UnsupportedMediaType,
+)
+from gateway.metrics import NO_MODEL, Metrics
 from gateway.mirror import Mirror
 from gateway.proxy import Recorder
 from gateway.store import Store
+
+log = logging.getLogger("gateway.app")
 
 
 @dataclass(slots=True)
@@ -35,7 +50,29 @@ class Gateway:
     recorder: Recorder
     store: Store
     mirror: Mirror
+    keyring: Keyring
     started: int
+    draining: bool = False  # SIGTERM received: /ready says 503, in-flight calls get drain_s to finish
+    abort: asyncio.Event = field(default_factory=asyncio.Event)  # set when drain_s is over: end what is left
+
+    def begin_drain(self) -> None:
+        """Called (in the event loop) when shutdown starts; after ``drain_s`` unfinished calls are ended with an
+        explicit error (streams: an error event and [DONE]) rather than cut."""
+        if self.draining:
+            return
+        self.draining = True
+        asyncio.get_running_loop().call_later(self.settings.gateway.drain_s, self.abort.set)
+
+
+async def send_error(send: Send, err: GatewayError, *, close: bool = False) -> None:
+    """Answer with an OpenAI error from ASGI middleware (before any handler ran)."""
+    body = err.body_bytes()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.encode(), v.encode()) for k, v in err.headers().items()]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class StampArrival:
@@ -86,11 +123,84 @@ class BodyLimit:
 
     async def _refuse(self, send: Send) -> None:
         err = PayloadTooLarge(f"request body larger than {self.limit} bytes (gateway.max_body_bytes)")
-        body = err.body_bytes()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"connection", b"close")]  # fmt: skip
-        await send({"type": "http.response.start", "status": err.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, err, close=True)
+
+
+JSON_TYPES = (b"application/json", b"text/json")
+
+
+class Guard:
+    """Pure ASGI middleware, before any handler: request head limits (431), API keys (401), per-key request rate
+    (429), JSON content type on /v1 POSTs (415), and who may read /metrics."""
+
+    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+        g = gateway.settings.gateway
+        self.max_headers, self.max_bytes = g.max_headers, g.max_header_bytes
+        self.keyring = gateway.keyring
+        self.metrics_elsewhere = g.metrics_port is not None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            send = self._check(scope, send)
+        except GatewayError as err:
+            reason = {401: "unauthorized", 403: "forbidden", 429: "rate_limited"}.get(err.status)
+            if reason:
+                self.gateway.metrics.rejected.labels(NO_MODEL, reason).inc()
+            await send_error(send, err)
+            return
+        await self.app(scope, receive, send)
+
+    def _check(self, scope: Scope, send: Send) -> Send:
+        raw: list[tuple[bytes, bytes]] = scope["headers"]
+        if len(raw) > self.max_headers:
+            raise HeadersTooLarge(f"more than {self.max_headers} request headers")
+        if sum(len(k) + len(v) for k, v in raw) > self.max_bytes:
+            raise HeadersTooLarge(f"request headers larger than {self.max_bytes} bytes")
+        path: str = scope["path"]
+        if path == "/metrics":
+            if self.metrics_elsewhere:
+                raise NotFound("metrics are served on gateway.metrics_port")
+            if self.keyring.enabled and self.keyring.protect_metrics:
+                client = self.keyring.verify(_header(raw, b"authorization"))
+                if not client.key.admin:
+                    raise PermissionDenied("reading /metrics needs an admin key")
+            return send
+        if not path.startswith("/v1/"):
+            return send
+        if self.keyring.enabled:
+            client = self.keyring.verify(_header(raw, b"authorization"))
+            limits = client.admit()
+            scope["gateway.client"] = client
+            if limits:
+                send = _with_headers(send, [(k.encode(), v.encode()) for k, v in limits.items()])
+        if scope["method"] == "POST":
+            kind = (_header(raw, b"content-type") or "application/json").encode().split(b";")[0].strip().lower()
+            if kind not in JSON_TYPES and not kind.endswith(b"+json"):
+                raise UnsupportedMediaType(
+                    f"Content-Type {kind.decode(errors='replace')!r} is not supported: send 'application/json'"
+                )
+        return send
+
+
+def _header(raw: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in raw:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return wrapped
 
 
 def error_response(err: GatewayError, request_id: str | None = None) -> JSONResponse:
@@ -116,14 +226,22 @@ def create_app(
     recorder = Recorder(metrics)
     mirror = Mirror(settings, pool, metrics, store)
     recorder.on_pair = mirror.record_primary
-    gateway = Gateway(settings, metrics, pool, recorder, store, mirror, int(time.time()))
+    keyring = Keyring(settings.gateway.auth, pool.table.resolve)
+    gateway = Gateway(settings, metrics, pool, recorder, store, mirror, keyring, int(time.time()))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await pool.start()
+        exporter = None
+        if settings.gateway.metrics_port is not None:
+            exporter, _ = start_http_server(settings.gateway.metrics_port, settings.gateway.host, metrics.registry)
+            log.info("metrics on http://%s:%d/metrics", settings.gateway.host, exporter.server_port)
         try:
             yield
         finally:
+            if exporter is not None:
+                exporter.shutdown()
+                exporter.server_close()
             await mirror.close()
             await pool.close()
             store.close()
@@ -156,6 +274,14 @@ def create_app(
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         return error_response(ServerError(f"internal error: {type(exc).__name__}"))
 
+    if settings.gateway.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.gateway.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-request-id"],
+        )
     app.add_middleware(BodyLimit, limit=settings.gateway.max_body_bytes)
+    app.add_middleware(Guard, gateway=gateway)
     app.add_middleware(StampArrival)
     return app

@@ -221,6 +221,10 @@ class BackendPool:
         while True:
             candidates = [self.backends[n] for n in names if n not in tried]
             name = self.router.pick(model, (b.replica() for b in candidates))
+            if name is None and not retrying and not any(b.usable() for b in candidates):
+                # Panic routing: every healthy replica is ejected; better their answers than none.
+                panic = (Replica(b.name, b.healthy is True and b.has_slot(), b.in_flight) for b in candidates)
+                name = self.router.pick(model, panic)
             if name is not None:
                 backend = self.backends[name]
                 backend.breaker.acquire()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -82,6 +83,15 @@ def _compare_parser(sub: Any) -> None:
     p.add_argument("--baseline", help="model the others are compared with (default: the first US model)")
 
 
+def _keygen_parser(sub: Any) -> None:
+    p = sub.add_parser("keygen", help="make a client API key; prints it once, and the config entry (its hash)")
+    p.add_argument("--name", required=True, help="the key's name in logs and metrics (e.g. team-a)")
+    p.add_argument("--models", help="comma-separated model ids or aliases it may use (default: all)")
+    p.add_argument("--rpm", type=int, help="requests per minute")
+    p.add_argument("--tpm", type=int, help="tokens per minute")
+    p.add_argument("--admin", action="store_true", help="may read /metrics and stored comparisons")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _emulate_parser(sub)
     _up_parser(sub)
     _compare_parser(sub)
+    _keygen_parser(sub)
     return parser
 
 
@@ -121,6 +132,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.server import DrainingServer
 
     env = ServeEnv()
     config = args.config or env.config
@@ -137,14 +149,17 @@ def serve(args: argparse.Namespace) -> int:
         level=settings.gateway.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     app = create_app(settings)
-    uvicorn.run(
+    drain = settings.gateway.drain_s
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=settings.gateway.log_level,
         access_log=args.access_log,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=math.ceil(drain) + 2,  # the gateway ends late calls itself at drain_s
+        h11_max_incomplete_event_size=256 * 1024,  # the gateway's own head limit (431) answers before this
     )
+    DrainingServer(config, app.state.gateway).run()
     return 0
 
 
@@ -235,6 +250,26 @@ def compare_run(args: argparse.Namespace) -> int:
     return 1 if failed == len(results) else 0
 
 
+def keygen(args: argparse.Namespace) -> int:
+    import yaml
+
+    from gateway.auth import hash_key, new_key
+
+    key = new_key()
+    entry: dict[str, Any] = {"name": args.name, "sha256": hash_key(key)}
+    if args.models:
+        entry["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+    for field in ("rpm", "tpm"):
+        if getattr(args, field) is not None:
+            entry[field] = getattr(args, field)
+    if args.admin:
+        entry["admin"] = True
+    print(f"API key for {args.name} (shown once; give it to the client, keep only the hash):\n\n  {key}\n")
+    print("Add under gateway.auth.keys in the config:\n")
+    print(yaml.safe_dump([entry], sort_keys=False).rstrip())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -244,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             return emulate(args)
         if args.command == "compare":
             return compare_run(args)
+        if args.command == "keygen":
+            return keygen(args)
         return up(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

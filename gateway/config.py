@@ -139,6 +139,28 @@ class BreakerPolicy(Strict):
     max_open_s: Annotated[float, Field(gt=0)] = 300.0
 
 
+class ApiKey(Strict):
+    """A client key, stored as the SHA-256 of the key (``gateway keygen`` makes a key and prints this entry)."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN, description="shown in logs and metrics instead of the key")]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    models: list[str] | None = Field(default=None, description="model ids or aliases it may use (default: all)")
+    rpm: Annotated[int, Field(ge=1)] | None = Field(default=None, description="requests per minute")
+    tpm: Annotated[int, Field(ge=1)] | None = Field(default=None, description="prompt + completion tokens per minute")
+    admin: bool = Field(default=False, description="may read /metrics when auth.protect_metrics is on")
+
+
+class AuthSection(Strict):
+    """Off when ``keys`` is empty. /health and /ready never need a key."""
+
+    keys: list[ApiKey] = Field(default_factory=list)
+    protect_metrics: bool = Field(default=True, description="/metrics needs an admin key (unless on metrics_port)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys)
+
+
 class GatewaySection(Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
@@ -152,6 +174,13 @@ class GatewaySection(Strict):
     breaker: BreakerPolicy = BreakerPolicy()
     queue_timeout_s: Annotated[float, Field(gt=0, description="longest wait in a full backend's queue")] = 30.0
     drain_s: Annotated[float, Field(ge=0, description="on SIGTERM: time in-flight requests get to finish")] = 30.0
+    max_headers: Annotated[int, Field(ge=8, description="more request headers than this get 431")] = 100
+    max_header_bytes: Annotated[int, Field(ge=1024, description="larger request heads get 431")] = 32 * 1024
+    auth: AuthSection = AuthSection()
+    cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed (default: none)")
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = Field(
+        default=None, description="serve /metrics on this port (same host) instead of the API port"
+    )
 
 
 class Settings(Strict):
@@ -179,6 +208,13 @@ class Settings(Strict):
                         f"backends[{i}] ({backend.name}) serves {model!r}, which has no model card in 'models'"
                     )
                 served.add(model)
+        for key in self.gateway.auth.keys:
+            for model in key.models or []:
+                if model not in names:
+                    raise ValueError(f"API key {key.name!r} allows model {model!r}, which has no model card")
+        key_names = [k.name for k in self.gateway.auth.keys]
+        if len(set(key_names)) != len(key_names):
+            raise ValueError("two API keys have the same name")
         for card in self.models:
             if card.id not in served:
                 raise ValueError(f"model {card.id!r} has no backend serving it")

@@ -53,11 +53,12 @@ class GatewayError(Exception):
         self.param = param
         self.retry_after = retry_after  # seconds, sent as Retry-After (rounded up)
         self.counted = False  # already in gateway_upstream_errors_total (by the pool, with its backend)
+        self.extra_headers: dict[str, str] = {}
 
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
-            return {}
-        return {"retry-after": str(max(1, math.ceil(self.retry_after)))}
+            return dict(self.extra_headers)
+        return {**self.extra_headers, "retry-after": str(max(1, math.ceil(self.retry_after)))}
 
     def body(self) -> dict[str, Any]:
         return {

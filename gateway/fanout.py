@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.auth import Client
 from gateway.backends import BackendPool, close_upstream, iter_body
 from gateway.config import ModelCard
 from gateway.cost import gpu_usd_of_call, list_price_usd
@@ -131,11 +132,12 @@ async def call_model(
     *,
     on_event: OnEvent | None = None,
     forward_usage: bool = False,
+    client: Client | None = None,
 ) -> Outcome:
     """Stream one model's answer to ``body``; never raises for the model's own failure (it is the outcome)."""
     model = card.id
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
-    ex = Exchange(request_id, endpoint, time.perf_counter(), model=model, card=card)
+    ex = Exchange(request_id, endpoint, time.perf_counter(), model=model, card=card, client=client)
     observer = StreamObserver(t0=ex.t0, keep_text=True)
     chunks: list[dict[str, Any]] = []
     headers = {"content-type": "application/json", "x-request-id": request_id, "accept-encoding": "identity"}

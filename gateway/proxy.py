@@ -11,6 +11,7 @@ without ``[DONE]`` is reported the same way: never a silent end that a client wo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,10 +20,11 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway.asgi import race_disconnect
+from gateway.auth import Client
 from gateway.backends import Upstream, close_upstream, iter_body, read_body
 from gateway.config import ModelCard
 from gateway.cost import list_price_usd
-from gateway.errors import GatewayError, UpstreamStreamError
+from gateway.errors import GatewayError, ShuttingDown, UpstreamStreamError
 from gateway.metrics import NO_BACKEND, NO_MODEL, Metrics
 from gateway.protocol import Endpoint
 from gateway.streaming import SSEFramer, StreamObserver, Usage
@@ -43,6 +45,7 @@ class Exchange:
     backend: str = NO_BACKEND
     card: ModelCard | None = None
     pair_id: str | None = None  # set when shadow mirroring sampled this call
+    client: Client | None = None  # the API key's client, when keys are configured (charged for tokens)
 
 
 PairHook = Callable[[str, Exchange, int, float | None, Usage | None, StreamObserver | None], None]
@@ -69,6 +72,8 @@ class Recorder:
         m.requests.labels(ex.model, ex.backend, ex.endpoint, str(status)).inc()
         if ex.pair_id is not None and self.on_pair is not None:
             self.on_pair(ex.pair_id, ex, status, e2e, usage, observer)
+        if ex.client is not None and usage is not None:
+            ex.client.charge(usage.prompt_tokens + usage.completion_tokens)
         if status != 200:
             return
         s = m.series(ex.model, ex.backend)
@@ -114,6 +119,7 @@ class RelayResponse(Response):
         *,
         strip_usage: bool,
         keep_text: bool = False,
+        abort: asyncio.Event | None = None,
     ) -> None:
         self.ex = ex
         self.background = None
@@ -122,6 +128,7 @@ class RelayResponse(Response):
         self.strip_usage = strip_usage
         self.observer = StreamObserver(t0=ex.t0, keep_text=keep_text)
         self.settled: int | None = None
+        self.abort = abort
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex, observer = self.ex, self.observer
@@ -138,7 +145,13 @@ class RelayResponse(Response):
                     ),
                 }
             )
-            disconnected, status_or_none = await race_disconnect(lambda: self._relay(send), receive)
+            try:
+                disconnected, status_or_none = await race_disconnect(lambda: self._relay(send), receive, self.abort)
+            except ShuttingDown as err:  # the drain time is over: end the stream explicitly, never just cut it
+                disconnected, status_or_none = False, err.status
+                if self.settled is None:
+                    self.settled = err.status
+                    await send({"type": "http.response.body", "body": err.sse_event(), "more_body": False})
             if disconnected and self.settled is not None:
                 disconnected, status_or_none = False, self.settled
             status = CLIENT_CLOSED if disconnected else status_or_none

@@ -4,7 +4,8 @@ Both follow the trusted proxies. A retry budget (Finagle, Envoy's ``retry_budget
 recent requests, plus a small floor, so that retries cannot multiply the load on a fleet that is already failing.
 A circuit breaker (Envoy's outlier detection, with Hystrix's half-open probe) takes a backend out after
 consecutive failures on real traffic, lets a single probe request through once the ejection time has passed,
-closes on the probe's success and reopens for twice as long on its failure.
+closes on the probe's success and reopens for twice as long on its failure. When every healthy replica of a
+model is ejected, the pool routes to them anyway (Envoy's panic routing): refusing all traffic would be worse.
 """
 
 from __future__ import annotations
@@ -89,7 +90,10 @@ class CircuitBreaker:
         self.probing = False
 
     def success(self) -> bool:
-        """Returns True when this closed the breaker."""
+        """Returns True when this closed the breaker. While open, a success is the late answer of a request sent
+        before the ejection: it proves nothing, only a probe's (or any answer while half-open) closes."""
+        if self.state is State.OPEN:
+            return False
         self.failures = 0
         self.probing = False
         if self.state is State.CLOSED:

@@ -319,3 +319,13 @@ def test_queue_wait_is_bounded_and_a_leaving_client_leaves_the_queue() -> None:
         assert metric(text, "gateway_queue_waiting", model="m") == 0
         assert metric(text, "gateway_rejected_total", model="m", reason="queue_timeout") == 1
         first.join()
+
+
+def test_when_every_replica_is_ejected_traffic_still_flows_panic_routing() -> None:
+    broken = Recorder(status=500, body=b'{"error":{"message":"boom","code":500}}')
+    with ThreadServer(broken.app()) as b, gateway(("only", b.url), breaker={"failures": 1, "open_s": 60}) as gw:
+        statuses = [httpx.post(f"{gw.url}/v1/chat/completions", json=PLAIN).status_code for _ in range(3)]
+        assert statuses == [500, 500, 500]  # the backend's own answer every time, not the gateway's 503
+        assert len(broken.received) == 3
+        text = httpx.get(f"{gw.url}/metrics").text
+        assert metric(text, "gateway_backend_circuit_state", backend="only") == 2

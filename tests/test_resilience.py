@@ -59,3 +59,13 @@ def test_half_open_lets_one_probe_through_and_backs_off() -> None:
     assert b.success() and b.retry_after() == 0 and b.available()
     b.failure()
     assert b.retry_after() == 10  # back to the base ejection time after closing
+
+
+def test_a_late_success_does_not_close_an_open_breaker() -> None:
+    clock = Clock()
+    b = CircuitBreaker(failures=2, open_s=10, max_open_s=60, clock=clock)
+    b.failure()
+    b.failure()
+    clock.now += 0.2
+    assert not b.success()  # a request sent before the ejection answered: not a probe
+    assert not b.available() and b.retry_after() > 9

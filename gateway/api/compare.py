@@ -24,8 +24,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from gateway.api.openai import request_id_of
 from gateway.app import Gateway, error_response
 from gateway.asgi import race_disconnect
+from gateway.auth import Client
 from gateway.config import ModelCard
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, NotFound
+from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, NotFound, PermissionDenied
 from gateway.fanout import Outcome, assemble, call_model
 from gateway.protocol import Endpoint, json_object, openapi_body, parse_body
 from gateway.store import as_dict
@@ -80,8 +81,12 @@ async def compare_completions(request: Request) -> Response:
 async def fanout(request: Request, endpoint: Endpoint) -> Response:
     gw: Gateway = request.app.state.gateway
     request_id = request_id_of(request)
+    client: Client | None = request.scope.get("gateway.client")
     try:
         body, cards, stream, wants_usage = _parse(gw, await request.body(), endpoint)
+        for card in cards:
+            if client is not None:
+                client.check_model(card.id)
     except GatewayError as err:
         return error_response(err, request_id)
     comparison_id = f"cmp-{uuid.uuid4().hex}"
@@ -94,7 +99,9 @@ async def fanout(request: Request, endpoint: Endpoint) -> Response:
 
         async def everyone() -> list[Outcome]:
             return list(
-                await asyncio.gather(*(call_model(gw.pool, gw.recorder, c, endpoint, body, request_id) for c in cards))
+                await asyncio.gather(
+                    *(call_model(gw.pool, gw.recorder, c, endpoint, body, request_id, client=client) for c in cards)
+                )
             )
 
         gone, outcomes = await race_disconnect(everyone, request.receive)
@@ -105,7 +112,7 @@ async def fanout(request: Request, endpoint: Endpoint) -> Response:
         return JSONResponse({"id": comparison_id, "object": "comparison", "results": results}, headers=headers)
 
     return StreamingResponse(
-        _stream(gw, cards, endpoint, body, request_id, comparison_id, wants_usage, store),
+        _stream(gw, cards, endpoint, body, request_id, comparison_id, wants_usage, store, client),
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
     )
@@ -120,6 +127,7 @@ async def _stream(
     comparison_id: str,
     wants_usage: bool,
     store: Any,
+    client: Client | None,
 ) -> AsyncIterator[bytes]:
     queue: asyncio.Queue[bytes] = asyncio.Queue()
 
@@ -129,8 +137,9 @@ async def _stream(
 
     async def one(card: ModelCard) -> Outcome:
         outcome = await call_model(
-            gw.pool, gw.recorder, card, endpoint, body, request_id, on_event=on_event, forward_usage=wants_usage
-        )
+            gw.pool, gw.recorder, card, endpoint, body, request_id, on_event=on_event, forward_usage=wants_usage,
+            client=client,
+        )  # fmt: skip
         result = _result(outcome, endpoint)
         del result["response"]
         await queue.put(b"data: " + json.dumps({"type": "result", **result}).encode() + b"\n\n")
@@ -155,15 +164,30 @@ async def _stream(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-@router.get("/v1/compare")
-async def recent(request: Request, limit: int = 50) -> dict[str, Any]:
+def _admin_only(request: Request) -> None:
+    """Stored comparisons hold other clients' prompts and answers: with API keys on, only admin keys read them."""
+    client: Client | None = request.scope.get("gateway.client")
+    if client is not None and not client.key.admin:
+        raise PermissionDenied("reading stored comparisons needs an admin key")
+
+
+@router.get("/v1/compare", response_model=None)
+async def recent(request: Request, limit: int = 50) -> Response:
     gw: Gateway = request.app.state.gateway
-    return {"object": "list", "data": gw.store.recent(max(1, min(limit, 500)))}
+    try:
+        _admin_only(request)
+    except GatewayError as err:
+        return error_response(err)
+    return JSONResponse({"object": "list", "data": gw.store.recent(max(1, min(limit, 500)))})
 
 
 @router.get("/v1/compare/{comparison_id}", response_model=None)
 async def one_comparison(request: Request, comparison_id: str) -> Response:
     gw: Gateway = request.app.state.gateway
+    try:
+        _admin_only(request)
+    except GatewayError as err:
+        return error_response(err)
     rows = gw.store.comparison(comparison_id)
     if not rows:
         return error_response(NotFound(f"no comparison {comparison_id!r}"))

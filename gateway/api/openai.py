@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response
 
 from gateway.app import Gateway, error_response
 from gateway.asgi import race_disconnect
+from gateway.auth import Client
 from gateway.backends import Upstream
 from gateway.errors import GatewayError, ModelNotFound, UpstreamBadResponse, status_reason
 from gateway.protocol import Endpoint, openapi_body, parse_request, upstream_body
@@ -42,8 +43,11 @@ async def completions(request: Request) -> Response:
 @router.get("/v1/models")
 async def models(request: Request) -> dict[str, Any]:
     gw: Gateway = request.app.state.gateway
+    client: Client | None = request.scope.get("gateway.client")
     data = []
     for card in gw.settings.models:
+        if client is not None and client.allowed is not None and card.id not in client.allowed:
+            continue
         data.append(
             {
                 "id": card.id,
@@ -71,6 +75,9 @@ async def proxy(request: Request, endpoint: Endpoint, path: str) -> Response:
         if model is None:
             raise ModelNotFound(f"The model `{parsed.model}` does not exist.", param="model")
         ex.model, ex.card = model, gw.settings.card(model)
+        ex.client = request.scope.get("gateway.client")
+        if ex.client is not None:
+            ex.client.check_model(model)
         ex.pair_id = gw.mirror.maybe(ex, parsed.body, endpoint)
         headers = {
             "content-type": "application/json",
@@ -99,7 +106,7 @@ async def proxy(request: Request, endpoint: Endpoint, path: str) -> Response:
     sent = time.perf_counter()
     try:
         # Until the first byte goes out, a client that leaves cancels the upstream call (and vLLM aborts).
-        gone, result = await race_disconnect(call, request.receive)
+        gone, result = await race_disconnect(call, request.receive, gw.abort)
     except GatewayError as err:
         return _failed(gw, ex, err)
     if gone:
@@ -107,7 +114,7 @@ async def proxy(request: Request, endpoint: Endpoint, path: str) -> Response:
         return Response(status_code=CLIENT_CLOSED)
     upstream, content = result
     if content is None:
-        return RelayResponse(ex, upstream, gw.recorder, strip_usage=not parsed.client_wants_usage)
+        return RelayResponse(ex, upstream, gw.recorder, strip_usage=not parsed.client_wants_usage, abort=gw.abort)
     done = time.perf_counter()
     status = upstream.response.status_code
     if status != 200:

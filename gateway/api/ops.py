@@ -19,12 +19,13 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready", response_model=None)
 async def ready(request: Request) -> JSONResponse:
-    """503 until every configured model has at least one healthy backend."""
+    """503 until every configured model has at least one healthy backend, and again once draining began."""
     gw: Gateway = request.app.state.gateway
     models = gw.pool.ready()
     backends = {b.name: b.healthy is True for b in gw.pool.backends.values()}
-    ok = all(models.values())
-    return JSONResponse({"ready": ok, "models": models, "backends": backends}, status_code=200 if ok else 503)
+    ok = all(models.values()) and not gw.draining
+    body = {"ready": ok, "draining": gw.draining, "models": models, "backends": backends}
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 @router.get("/metrics")

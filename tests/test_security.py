@@ -1,0 +1,282 @@
+"""API keys, per-key allow-lists and rate limits, request head and content-type checks, CORS, /metrics placement,
+what never leaks (keys, prompts), and graceful drain."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from gateway.app import create_app
+from gateway.auth import hash_key
+from gateway.emulator import EmulatorConfig, create_emulator_app
+from gateway.supervisor import free_port
+from tests.backends import Recorder
+from tests.conftest import card, settings_for
+from tests.servers import REPO, ThreadServer, cli
+
+KEY_A = "gk-team-a-0123456789abcdef0123456789abcdef"
+KEY_B = "gk-team-b-fedcba9876543210fedcba9876543210"
+KEY_ADMIN = "gk-admin-00000000000000000000000000000000"
+PLAIN = {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+
+def keyed_gateway(backend_url: str, rpm: int = 1000, **section: Any) -> ThreadServer:
+    keys = [
+        {"name": "team-a", "sha256": hash_key(KEY_A), "models": ["m1"], "rpm": rpm},
+        {"name": "team-b", "sha256": hash_key(KEY_B), "tpm": 10},
+        {"name": "ops", "sha256": hash_key(KEY_ADMIN), "admin": True},
+    ]
+    settings = settings_for(
+        [{"name": "b", "base_url": backend_url, "models": ["m1", "m2"]}],
+        [card("m1", "qwen3", "Alibaba", "CN", aliases=[]), card("m2", "llama", "Meta", "US", aliases=["llama"])],
+        **{"auth": {"keys": keys}, **section},
+    )
+    return ThreadServer(create_app(settings))
+
+
+@pytest.fixture(scope="module")
+def keyed() -> Iterator[tuple[str, Recorder]]:
+    rec = Recorder()  # usage: 2 prompt + 3 completion tokens per call
+    with ThreadServer(rec.app()) as b, keyed_gateway(b.url) as gw:
+        yield gw.url, rec
+
+
+def post(url: str, key: str | None, body: dict[str, Any] = PLAIN, path: str = "/v1/chat/completions") -> httpx.Response:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{url}{path}", json=body, headers=headers)
+
+
+def test_keys_are_required_and_checked(keyed: tuple[str, Recorder]) -> None:
+    url, rec = keyed
+    before = len(rec.received)
+    for key, why in ((None, "missing API key"), ("gk-wrong", "invalid API key")):
+        r = post(url, key)
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "invalid_api_key" and why in r.json()["error"]["message"]
+    r = httpx.post(f"{url}/v1/chat/completions", json=PLAIN, headers={"authorization": f"Basic {KEY_A}"})
+    assert r.status_code == 401
+    assert len(rec.received) == before  # nothing reached the backend
+    sdk = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY_ADMIN, max_retries=0)
+    assert sdk.chat.completions.create(model="m2", messages=[{"role": "user", "content": "hi"}]).choices
+    assert httpx.get(f"{url}/health").status_code == 200 and httpx.get(f"{url}/ready").status_code == 200
+
+
+def test_a_key_sees_and_uses_only_its_models(keyed: tuple[str, Recorder]) -> None:
+    url, _ = keyed
+    listed = httpx.get(f"{url}/v1/models", headers={"authorization": f"Bearer {KEY_A}"}).json()["data"]
+    assert [m["id"] for m in listed] == ["m1"]
+    for body, path in (
+        ({**PLAIN, "model": "llama"}, "/v1/chat/completions"),  # an alias of a model it may not use
+        ({**PLAIN, "models": ["m1", "m2"]}, "/v1/compare/chat/completions"),
+    ):
+        r = post(url, KEY_A, body, path)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
+    assert httpx.get(f"{url}/v1/compare", headers={"authorization": f"Bearer {KEY_A}"}).status_code == 403
+    assert httpx.get(f"{url}/v1/compare", headers={"authorization": f"Bearer {KEY_ADMIN}"}).status_code == 200
+
+
+def test_requests_per_minute_limit() -> None:
+    with ThreadServer(Recorder().app()) as b, keyed_gateway(b.url, rpm=3) as gw:
+        answers = [post(gw.url, KEY_A) for _ in range(4)]
+        assert [r.status_code for r in answers] == [200, 200, 200, 429]
+        assert answers[0].headers["x-ratelimit-limit-requests"] == "3"
+        assert answers[2].headers["x-ratelimit-remaining-requests"] == "0"
+        refused = answers[3]
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert 1 <= int(refused.headers["retry-after"]) <= 20  # one request refills in 60 / 3 s
+        assert post(gw.url, KEY_B).status_code == 200  # other keys are not affected
+
+
+def test_tokens_per_minute_limit_charges_real_usage() -> None:
+    with ThreadServer(Recorder().app()) as b, keyed_gateway(b.url) as gw:
+        # 10 tokens a minute, each call uses 5 (from the backend's usage): two calls, then refused
+        answers = [post(gw.url, KEY_B) for _ in range(3)]
+        assert [r.status_code for r in answers] == [200, 200, 429]
+        assert answers[0].headers["x-ratelimit-remaining-tokens"] == "10"  # charged when the call ended
+        assert answers[1].headers["x-ratelimit-remaining-tokens"] == "5"
+        refused = answers[2]
+        assert "tokens per minute" in refused.json()["error"]["message"]
+        assert refused.headers["x-ratelimit-remaining-tokens"] == "0" and int(refused.headers["retry-after"]) >= 1
+
+
+def test_metrics_need_an_admin_key_or_move_to_their_own_port(keyed: tuple[str, Recorder]) -> None:
+    url, _ = keyed
+    assert httpx.get(f"{url}/metrics").status_code == 401
+    assert httpx.get(f"{url}/metrics", headers={"authorization": f"Bearer {KEY_A}"}).status_code == 403
+    text = httpx.get(f"{url}/metrics", headers={"authorization": f"Bearer {KEY_ADMIN}"}).text
+    assert "gateway_requests_total" in text
+    assert 'gateway_rejected_total{model="unknown",reason="unauthorized"}' in text
+    port = free_port()
+    with ThreadServer(Recorder().app()) as b, keyed_gateway(b.url, metrics_port=port) as gw:
+        assert httpx.get(f"{gw.url}/metrics", headers={"authorization": f"Bearer {KEY_ADMIN}"}).status_code == 404
+        assert "gateway_requests_total" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+
+
+def test_keys_and_prompts_never_reach_logs_or_metrics(caplog: pytest.LogCaptureFixture) -> None:
+    secret_prompt = "my-secret-prompt-4f2a"
+    body = {**PLAIN, "messages": [{"role": "user", "content": secret_prompt}]}
+    rec = Recorder()
+    caplog.set_level(logging.DEBUG)
+    with ThreadServer(rec.app()) as b, keyed_gateway(b.url) as gw:
+        assert post(gw.url, KEY_A, body).status_code == 200
+        post(gw.url, "gk-not-a-key-but-secret", body)
+        post(gw.url, KEY_A, {**body, "stream": True})
+        metrics = httpx.get(f"{gw.url}/metrics", headers={"authorization": f"Bearer {KEY_ADMIN}"}).text
+    for secret in (secret_prompt, KEY_A, "gk-not-a-key-but-secret", hash_key(KEY_A)):
+        assert secret not in caplog.text
+        assert secret not in metrics
+    assert "authorization" not in {k.lower() for k in rec.received[0][1]}  # the client's key is not forwarded
+
+
+def test_clients_cannot_choose_the_upstream() -> None:
+    rec = Recorder()
+    with ThreadServer(rec.app()) as b, keyed_gateway(b.url, auth={"keys": []}) as gw:
+        body = {**PLAIN, "base_url": "http://169.254.169.254", "api_base": "http://evil.example"}
+        headers = {"host": "evil.example", "x-forwarded-host": "evil.example", "x-backend": "http://evil.example"}
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, headers=headers)
+        assert r.status_code == 200 and r.headers["x-gateway-backend"] == "b"
+        assert len(rec.received) == 1  # the configured backend got it; the fields went along as unknown params
+
+
+# -- request heads and content types -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def open_gateway() -> Iterator[str]:
+    with ThreadServer(Recorder().app()) as b, keyed_gateway(b.url, auth={"keys": []}) as gw:
+        yield gw.url
+
+
+@pytest.mark.parametrize(
+    ("headers", "content", "status", "code"),
+    [
+        ({"content-type": "text/plain"}, json.dumps(PLAIN).encode(), 415, "unsupported_media_type"),
+        ({"content-type": "application/x-www-form-urlencoded"}, b"model=m1", 415, "unsupported_media_type"),
+        ({"content-type": "application/json"}, b'{"model": "m1", "messages": "\xff\xfe"}', 400, "invalid_request"),
+        ({f"x-h{i}": "v" for i in range(120)}, json.dumps(PLAIN).encode(), 431, "headers_too_large"),
+        ({"x-big": "v" * 40_000}, json.dumps(PLAIN).encode(), 431, "headers_too_large"),
+    ],
+    ids=["text-plain", "form", "non-utf8", "many-headers", "huge-header"],
+)
+def test_bad_request_heads_are_clear_4xx(
+    open_gateway: str, headers: dict[str, str], content: bytes, status: int, code: str
+) -> None:
+    r = httpx.post(f"{open_gateway}/v1/chat/completions", content=content, headers=headers)
+    assert r.status_code == status
+    assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("content_type", [None, "application/json; charset=utf-8", "application/vnd.api+json"])
+def test_json_content_types_and_none_are_accepted(open_gateway: str, content_type: str | None) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    request = httpx.Request("POST", f"{open_gateway}/v1/chat/completions", content=json.dumps(PLAIN).encode())
+    for key in list(request.headers):
+        if key.lower() == "content-type":
+            del request.headers[key]
+    request.headers.update(headers)
+    with httpx.Client() as c:
+        assert c.send(request).status_code == 200
+
+
+def test_cors_is_off_unless_configured(open_gateway: str) -> None:
+    preflight = {"origin": "https://evil.example", "access-control-request-method": "POST"}
+    r = httpx.options(f"{open_gateway}/v1/chat/completions", headers=preflight)
+    assert "access-control-allow-origin" not in r.headers
+    r = httpx.get(f"{open_gateway}/v1/models", headers={"origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in r.headers
+    with (
+        ThreadServer(Recorder().app()) as b,
+        keyed_gateway(b.url, auth={"keys": []}, cors_origins=["https://ui.example"]) as gw,
+    ):
+        r = httpx.options(f"{gw.url}/v1/chat/completions", headers={**preflight, "origin": "https://ui.example"})
+        assert r.headers["access-control-allow-origin"] == "https://ui.example"
+        r = httpx.options(f"{gw.url}/v1/chat/completions", headers=preflight)
+        assert "access-control-allow-origin" not in r.headers
+
+
+def test_keygen_prints_a_key_and_its_hash_entry() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "keygen", "--name", "team-x", "--models", "m1,m2", "--rpm", "60"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    key = next(line.strip() for line in out.splitlines() if line.strip().startswith("gk-"))
+    entry = yaml.safe_load(out[out.index("- name:") :])[0]
+    assert entry == {"name": "team-x", "sha256": hash_key(key), "models": ["m1", "m2"], "rpm": 60}
+
+
+# -- graceful drain ---------------------------------------------------------------------------------------------
+def drain_config(tmp_path: Path, backend: str, drain_s: float) -> Path:
+    config = {
+        "gateway": {"drain_s": drain_s, "results_db": ":memory:", "log_level": "warning"},
+        "models": [card("m1", "qwen3", "Alibaba", "CN", aliases=[])],
+        "backends": [{"name": "b", "base_url": backend, "models": ["m1"]}],
+    }
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def start_stream(url: str, into: list[bytes]) -> threading.Thread:
+    body = {**PLAIN, "stream": True, "max_tokens": 40}
+
+    def run() -> None:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=20) as r:
+            for data in r.iter_raw():
+                into.append(data)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize(("drain_s", "finishes"), [(10.0, True), (0.5, False)], ids=["within-drain", "past-drain"])
+def test_sigterm_drains_streams_then_exits(tmp_path: Path, drain_s: float, finishes: bool) -> None:
+    emulator = create_emulator_app(EmulatorConfig(model="m1", ttft_ms=10, itl_ms=50, output_tokens=40))  # 2 s
+    with ThreadServer(emulator) as backend:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        config = drain_config(tmp_path, backend.url, drain_s)
+        with cli("serve", "--config", str(config), "--port", str(port), ready=f"{url}/ready") as proc:
+            received: list[bytes] = []
+            stream = start_stream(url, received)
+            time.sleep(0.4)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            with pytest.raises(httpx.ConnectError):  # no new connections once draining
+                httpx.get(f"{url}/health", timeout=1)
+            stream.join(15)
+            assert proc.wait(15) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+            elapsed = time.monotonic() - t0
+        raw = b"".join(received)
+        assert raw.endswith(b"data: [DONE]\n\n")
+        if finishes:
+            assert b'"finish_reason":"length"' in raw and b'"error"' not in raw  # the whole answer
+            assert elapsed > 1.0
+        else:
+            error = json.loads(raw.split(b"\n\n")[-3].removeprefix(b"data: "))["error"]
+            assert error["code"] == "shutting_down"
+            assert b'"finish_reason":"length"' not in raw
+            assert elapsed < 1.8  # ended at drain_s (0.5 s), not when the 2 s answer would have ended
+
+
+def test_ready_turns_503_while_draining() -> None:
+    with ThreadServer(Recorder().app()) as b:
+        gw = keyed_gateway(b.url, auth={"keys": []})
+        with gw:
+            assert httpx.get(f"{gw.url}/ready").status_code == 200
+            app: Any = gw.server.config.app
+            app.state.gateway.draining = True  # what SIGTERM sets (see the test above)
+            r = httpx.get(f"{gw.url}/ready")
+            assert r.status_code == 503 and r.json()["draining"] is True
