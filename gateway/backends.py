@@ -211,7 +211,7 @@ class BackendPool:
                     return
 
     # -- requests ----------------------------------------------------------------------------------------
-    async def _pick(self, model: str, tried: list[str], *, retrying: bool) -> Backend:
+    async def _pick(self, model: str, tried: list[str], *, retrying: bool, queue: bool = True) -> Backend:
         """A usable replica with a free slot, waiting in the model's queue when all are busy (first tries only).
 
         Raises NoHealthyBackend when no replica is usable, Overloaded when the queue is full or the wait too long.
@@ -239,6 +239,8 @@ class BackendPool:
                     retry_after=min(open_for) if open_for else None,
                 )
             waiters = self._waiters[model]
+            if not queue:
+                raise Overloaded(f"model {model!r} is at capacity (shadow traffic does not queue)")
             if len(waiters) >= sum(b.config.max_queue for b in usable):
                 self.metrics.rejected.labels(model, "overloaded").inc()
                 raise Overloaded(f"model {model!r} is at capacity and its queue is full", retry_after=1)
@@ -264,18 +266,21 @@ class BackendPool:
                     with contextlib.suppress(ValueError):
                         waiters.remove(waiter)
 
-    async def open(self, model: str, path: str, body: bytes, headers: dict[str, str], *, stream: bool) -> Upstream:
+    async def open(
+        self, model: str, path: str, body: bytes, headers: dict[str, str], *, stream: bool, queue: bool = True
+    ) -> Upstream:
         """Send the request to a replica of ``model``, retrying another replica (within the retry budget) on a
         connect error, a timeout, a 5xx or 429, or a stream that broke before its first chunk.
 
         The returned upstream is open and holds a slot on its backend: the caller must ``close_upstream`` and
-        ``release`` it. A stream's 200 response comes with its first chunk already read. When no retry is left, a
+        ``release`` it. A stream's 200 response comes with its first chunk already read. ``queue=False`` (shadow
+        traffic) never waits for a slot: Overloaded at once. When no retry is left, a
         backend's own error answer is returned as it is (its body goes to the client) and a failure is raised.
         """
         self.budgets[model].request()
         tried: list[str] = []
         while True:
-            backend = await self._pick(model, tried, retrying=bool(tried))
+            backend = await self._pick(model, tried, retrying=bool(tried), queue=queue)
             tried.append(backend.name)
             backend.in_flight += 1
             upstream = Upstream(backend, _NO_RESPONSE, self)

@@ -24,7 +24,7 @@ from gateway.backends import BackendPool, close_upstream, iter_body
 from gateway.config import ModelCard
 from gateway.cost import gpu_usd_of_call, list_price_usd
 from gateway.errors import GatewayError, UpstreamStreamError
-from gateway.protocol import Endpoint
+from gateway.protocol import Endpoint, dump_json
 from gateway.proxy import Exchange, Recorder
 from gateway.store import CallResult
 from gateway.streaming import SSEFramer, StreamObserver
@@ -87,7 +87,7 @@ def streaming_body(body: dict[str, Any], model: str) -> bytes:
     sent["stream"] = True
     opts = body.get("stream_options")
     sent["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
-    return json.dumps(sent, ensure_ascii=False, separators=(",", ":")).encode()
+    return dump_json(sent)
 
 
 def assemble(outcome: Outcome, endpoint: Endpoint) -> dict[str, Any] | None:
@@ -133,6 +133,7 @@ async def call_model(
     on_event: OnEvent | None = None,
     forward_usage: bool = False,
     client: Client | None = None,
+    queue: bool = True,
 ) -> Outcome:
     """Stream one model's answer to ``body``; never raises for the model's own failure (it is the outcome)."""
     model = card.id
@@ -142,7 +143,7 @@ async def call_model(
     chunks: list[dict[str, Any]] = []
     headers = {"content-type": "application/json", "x-request-id": request_id, "accept-encoding": "identity"}
     try:
-        upstream = await pool.open(model, path, streaming_body(body, model), headers, stream=True)
+        upstream = await pool.open(model, path, streaming_body(body, model), headers, stream=True, queue=queue)
     except GatewayError as err:
         if recorder:
             recorder.failed(ex, err.status)

@@ -65,7 +65,7 @@ class Mirror:
     ) -> None:
         card = self.settings.card(target)
         try:
-            outcome = await call_model(self.pool, None, card, endpoint, body, pair_id)
+            outcome = await call_model(self.pool, None, card, endpoint, body, pair_id, queue=False)
             backend = outcome.backend or "none"
             m = self.metrics
             m.mirror_requests.labels(target, backend, "200" if outcome.error is None else str(outcome.status)).inc()

@@ -66,6 +66,8 @@ def json_object(raw: bytes) -> dict[str, Any]:
         body = json.loads(text)
     except ValueError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
     return body
@@ -102,16 +104,48 @@ def upstream_body(parsed: ParsedRequest, raw: bytes, model_id: str) -> bytes:
         opts = body.get("stream_options")
         body["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
         changed = True
-    if not changed:
-        return raw
+    return dump_json(body) if changed else raw
+
+
+def dump_json(body: dict[str, Any]) -> bytes:
+    """Compact UTF-8 JSON; a lone surrogate the client wrote as an escape ("\ud800") stays an escape."""
     try:
         return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-    except UnicodeEncodeError:  # a lone surrogate written as an escape ("\ud800"): keep it an escape
+    except UnicodeEncodeError:
         return json.dumps(body, separators=(",", ":")).encode()
 
 
 # Documented request bodies for the OpenAPI schema (the handlers read the raw body themselves so that invalid
 # JSON is a 400 with an OpenAI error object, not FastAPI's 422).
-def openapi_body(endpoint: Endpoint) -> dict[str, Any]:
-    schema = _MODELS[endpoint].model_json_schema()
+def openapi_body(endpoint: Endpoint, *, fanout: bool = False) -> dict[str, Any]:
+    schema = _inline(_MODELS[endpoint].model_json_schema())
+    if fanout:  # the fan-out routes take "models" (a list, or "all") instead of "model"
+        schema["properties"].pop("model")
+        schema["properties"] = {
+            "models": {
+                "anyOf": [{"type": "array", "items": {"type": "string"}, "minItems": 1}, {"const": "all"}],
+                "description": 'model ids or aliases to ask, or "all"',
+            },
+            **schema["properties"],
+        }
+        schema["required"] = ["models", *(r for r in schema["required"] if r != "model")]
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _inline(schema: dict[str, Any]) -> dict[str, Any]:
+    """Replace pydantic's local ``#/$defs/X`` references by the definitions (they would dangle once the schema is
+    embedded in the OpenAPI document)."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return walk(defs[ref.removeprefix("#/$defs/")])
+            return {k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    result: dict[str, Any] = walk(schema)
+    return result

@@ -329,3 +329,33 @@ def test_when_every_replica_is_ejected_traffic_still_flows_panic_routing() -> No
         assert len(broken.received) == 3
         text = httpx.get(f"{gw.url}/metrics").text
         assert metric(text, "gateway_backend_circuit_state", backend="only") == 2
+
+
+# -- client behaviour -------------------------------------------------------------------------------------------
+def test_disconnect_before_the_first_token_cancels_the_upstream_call() -> None:
+    slow = EmulatorConfig(model="m", ttft_ms=3000, itl_ms=1, output_tokens=3)
+    with ThreadServer(create_emulator_app(slow)) as b, gateway(("b", b.url), timeouts={"first_token": 10}) as gw:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{gw.url}/v1/chat/completions", json=STREAM, timeout=httpx.Timeout(5, read=0.3))
+        deadline = time.monotonic() + 1.0
+        while metric(httpx.get(f"{b.url}/metrics").text, "vllm:num_requests_running") != 0:
+            assert time.monotonic() < deadline, "the backend still runs the request 1 s after the client left"
+            time.sleep(0.02)
+        text = httpx.get(f"{gw.url}/metrics").text
+        assert metric(text, "gateway_requests_total", model="m", status="499") == 1
+        assert metric(text, "gateway_requests_in_flight", model="m") == 0
+        assert errors(gw.url, "b") == {}  # the client left: not held against the backend
+
+
+def test_a_slow_reader_does_not_slow_other_streams() -> None:
+    cfg = EmulatorConfig(model="m", ttft_ms=5, itl_ms=2, output_tokens=3000)  # ~6 s of output for the stuck reader
+    body = {**STREAM, "max_tokens": 3000, "messages": [{"role": "user", "content": "x" * 2000}]}
+    with ThreadServer(create_emulator_app(cfg)) as b, gateway(("b", b.url)) as gw:
+        url = f"{gw.url}/v1/chat/completions"
+        with httpx.stream("POST", url, json=body, timeout=30) as stuck:
+            assert stuck.status_code == 200  # headers read, the body never is
+            t0 = time.monotonic()
+            for _ in range(3):
+                r = httpx.post(url, json={**STREAM, "max_tokens": 50}, timeout=10)
+                assert r.status_code == 200 and r.content.endswith(DONE)
+            assert time.monotonic() - t0 < 2.0  # 3 x 50 tokens at 2 ms: about 0.3 s, whatever the stuck one does

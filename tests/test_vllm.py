@@ -196,3 +196,22 @@ def test_client_disconnect_mid_stream_makes_vllm_abort(vllm: VllmStack) -> None:
     gw = scrape(vllm.url)
     assert metric(gw, "gateway_requests_in_flight", model=model) == 0
     assert metric(gw, "gateway_requests_total", model=model, status="499") == 1
+
+
+def test_client_disconnect_during_a_non_streaming_call_makes_vllm_abort(vllm: VllmStack) -> None:
+    model = "tiny-llama"
+    direct = vllm.direct[model]
+    tokens_before = metric(scrape(direct), "vllm:generation_tokens_total")
+    body = {"model": model, "messages": MSG, "max_tokens": 900, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up while vLLM generates: the socket closes
+        httpx.post(f"{vllm.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.5))
+    deadline = time.monotonic() + 1.0
+    while metric(scrape(direct), "vllm:num_requests_running") != 0:
+        assert time.monotonic() < deadline, "vLLM still running the request 1 s after the client left"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    made = metric(scrape(direct), "vllm:generation_tokens_total") - tokens_before
+    assert 0 < made < 900, made
+    gw = scrape(vllm.url)
+    assert metric(gw, "gateway_requests_in_flight", model=model) == 0
+    assert metric(gw, "gateway_requests_total", model=model, status="499") == 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,12 +27,13 @@ from gateway.app import Gateway, error_response
 from gateway.asgi import race_disconnect
 from gateway.auth import Client
 from gateway.config import ModelCard
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, NotFound, PermissionDenied
+from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, NotFound, PermissionDenied, ServerError
 from gateway.fanout import Outcome, assemble, call_model
 from gateway.protocol import Endpoint, json_object, openapi_body, parse_body
 from gateway.store import as_dict
 
 router = APIRouter()
+log = logging.getLogger("gateway.compare")
 
 
 def _models(gw: Gateway, body: dict[str, Any]) -> list[ModelCard]:
@@ -68,12 +70,12 @@ def _result(outcome: Outcome, endpoint: Endpoint) -> dict[str, Any]:
     }
 
 
-@router.post("/v1/compare/chat/completions", openapi_extra=openapi_body("chat"), response_model=None)
+@router.post("/v1/compare/chat/completions", openapi_extra=openapi_body("chat", fanout=True), response_model=None)
 async def compare_chat(request: Request) -> Response:
     return await fanout(request, "chat")
 
 
-@router.post("/v1/compare/completions", openapi_extra=openapi_body("completions"), response_model=None)
+@router.post("/v1/compare/completions", openapi_extra=openapi_body("completions", fanout=True), response_model=None)
 async def compare_completions(request: Request) -> Response:
     return await fanout(request, "completions")
 
@@ -158,6 +160,9 @@ async def _stream(
                 getter.cancel()
         store([t.result() for t in tasks])
         yield b"data: " + json.dumps({"type": "done", "id": comparison_id}).encode() + b"\n\n" + b"data: [DONE]\n\n"
+    except Exception as exc:  # a bug of ours: still an explicit end, never a cut stream
+        log.exception("fan-out %s failed", comparison_id)
+        yield ServerError(f"internal error: {type(exc).__name__}").sse_event()
     finally:
         for task in tasks:
             task.cancel()  # the client left: close every upstream call (vLLM aborts)
