@@ -54,6 +54,11 @@ def test_kubernetes_scale_out_shape() -> None:
             kinds[("Service", name)]["spec"]["selector"].items()
             <= gateway["spec"]["template"]["metadata"]["labels"].items()
         )
+    # graceful drain: Kubernetes must not SIGKILL before the preStop pause and the gateway's drain are over
+    pod = gateway["spec"]["template"]["spec"]
+    pre_stop = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    assert pod["terminationGracePeriodSeconds"] > int(pre_stop[1]) + config.gateway.drain_s
 
 
 def test_kustomization_references_existing_files() -> None:
