@@ -185,7 +185,10 @@ def test_client_disconnect_mid_stream_makes_vllm_abort(vllm: VllmStack) -> None:
         lines = response.iter_lines()
         for _ in range(3):
             next(lines)
-        assert metric(scrape(direct), "vllm:num_requests_running") == 1
+        deadline = time.monotonic() + 2.0  # vLLM's gauges are updated once per engine step's stats
+        while (running := metric(scrape(direct), "vllm:num_requests_running")) != 1:
+            assert time.monotonic() < deadline, f"vLLM shows {running} requests running, not 1"
+            time.sleep(0.05)
     deadline = time.monotonic() + 1.0
     while metric(scrape(direct), "vllm:num_requests_running") != 0:
         assert time.monotonic() < deadline, "vLLM still running the request 1 s after the client left"
