@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import anyio
 import httpx
 
+from gateway import h1
 from gateway.config import BackendConfig, Settings
 from gateway.errors import (
     GatewayError,
@@ -61,8 +62,11 @@ class Backend:
             ),
             transport=transport,
         )
-        # Streams: no per-read timeout inside httpx; the first token and every later chunk get their own deadline.
-        self.stream_timeout = httpx.Timeout(connect=t.connect, read=None, write=t.write, pool=t.pool)
+        # Requests go through the relay's own HTTP/1.1 pool (gateway.h1); httpx serves the health checks.
+        self.h1 = h1.Pool(config.base_url, max_connections=config.max_connections, connect_timeout=t.connect,
+                          pool_timeout=t.pool)  # fmt: skip
+        self.base_headers = {k: v for k, v in headers.items() if k != "user-agent"}
+        self.base_headers["user-agent"] = "llm-compare-gateway"
         self.breaker = breaker
         self.healthy: bool | None = None  # None: not checked yet
         self.failed_checks = 0  # health checks failed in a row
@@ -85,12 +89,16 @@ class Upstream:
     bounds the silence between later chunks. ``release`` must be called exactly once when the call is over."""
 
     backend: Backend
-    response: httpx.Response
     pool: BackendPool
+    sent: h1.Response | None = None
     first: bytes | None = None
-    chunks: AsyncIterator[bytes] | None = None
     stall: float | None = None
     released: bool = False
+
+    @property
+    def response(self) -> h1.Response:
+        assert self.sent is not None, "no response yet"
+        return self.sent
 
     def release(self) -> None:
         if not self.released:
@@ -174,6 +182,8 @@ class BackendPool:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._health_task
         await asyncio.gather(*(b.client.aclose() for b in self.backends.values()))
+        for b in self.backends.values():
+            b.h1.close()
 
     def ready(self) -> dict[str, bool]:
         """Per model: does it have at least one healthy backend?"""
@@ -283,7 +293,7 @@ class BackendPool:
             backend = await self._pick(model, tried, retrying=bool(tried), queue=queue)
             tried.append(backend.name)
             backend.in_flight += 1
-            upstream = Upstream(backend, _NO_RESPONSE, self)
+            upstream = Upstream(backend, self)
             try:
                 await self._send(upstream, path, body, headers, stream)
             except GatewayError as err:
@@ -325,38 +335,30 @@ class BackendPool:
 
     async def _send(self, upstream: Upstream, path: str, body: bytes, headers: dict[str, str], stream: bool) -> None:
         backend = upstream.backend
-        name, client, t = backend.name, backend.client, backend.config.timeouts
+        name, t = backend.name, backend.config.timeouts
+        headers = {**backend.base_headers, **headers}
         try:
-            if not stream:
-                request = client.build_request("POST", path, content=body, headers=headers)
-                upstream.response = await client.send(request, stream=True)
-                return
-            request = client.build_request("POST", path, content=body, headers=headers, timeout=backend.stream_timeout)
-            with anyio.fail_after(t.first_token):
-                upstream.response = await client.send(request, stream=True)
-                upstream.stall = t.stall
-                if upstream.response.status_code != 200:
-                    return
-                upstream.chunks = upstream.response.aiter_raw()
-                upstream.first = await anext(upstream.chunks, b"")
-        except (httpx.TimeoutException, TimeoutError) as exc:
+            with anyio.fail_after(t.first_token if stream else t.read):
+                upstream.sent = await backend.h1.request("POST", path, headers, body)
+                upstream.stall = t.stall if stream else t.read
+                if stream and upstream.sent.status_code == 200:
+                    upstream.first = await upstream.sent.next_chunk() or b""
+        except (TimeoutError, h1.PoolTimeout) as exc:
             await close_upstream(upstream)
-            what = "first token" if isinstance(exc, TimeoutError) else type(exc).__name__
+            what = ("first token" if stream else "response") if isinstance(exc, TimeoutError) else "no free connection"
             raise UpstreamTimeout(f"backend {name} timed out ({what})") from None
-        except httpx.TransportError as exc:
-            if upstream.response is _NO_RESPONSE:
-                raise UpstreamUnreachable(f"backend {name} is unreachable ({type(exc).__name__})") from None
+        except h1.ConnectFailed as exc:
+            raise UpstreamUnreachable(f"backend {name} is unreachable ({exc})") from None
+        except h1.ReadFailed as exc:
+            if upstream.sent is None:
+                raise UpstreamUnreachable(f"backend {name} closed the connection ({exc})") from None
             await close_upstream(upstream)
             raise UpstreamStreamError(f"backend {name} broke the stream off before its first chunk") from None
 
 
-_NO_RESPONSE = httpx.Response(599)
-
-
 async def close_upstream(upstream: Upstream) -> None:
-    if upstream.response is not _NO_RESPONSE:
-        with anyio.CancelScope(shield=True):
-            await upstream.response.aclose()
+    if upstream.sent is not None:
+        await upstream.sent.aclose()
 
 
 async def iter_body(upstream: Upstream) -> AsyncIterator[bytes]:
@@ -367,19 +369,18 @@ async def iter_body(upstream: Upstream) -> AsyncIterator[bytes]:
         first, upstream.first = upstream.first, None
         if first:
             yield first
-    chunks = upstream.chunks if upstream.chunks is not None else upstream.response.aiter_raw()
-    stall = upstream.stall
+    response, stall = upstream.response, upstream.stall
     try:
         while True:
             with anyio.fail_after(stall):
-                chunk = await anext(chunks, None)
+                chunk = await response.next_chunk()
             if chunk is None:
                 return
             yield chunk
-    except (httpx.TimeoutException, TimeoutError):
+    except TimeoutError:
         raise UpstreamTimeout(f"backend {name} stopped sending (nothing for {stall or 0:g} s)") from None
-    except httpx.HTTPError as exc:
-        raise UpstreamStreamError(f"backend {name} broke the response off ({type(exc).__name__})") from None
+    except h1.ReadFailed as exc:
+        raise UpstreamStreamError(f"backend {name} broke the response off ({exc})") from None
 
 
 async def read_body(upstream: Upstream) -> bytes:
