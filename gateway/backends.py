@@ -337,12 +337,14 @@ class BackendPool:
         backend = upstream.backend
         name, t = backend.name, backend.config.timeouts
         headers = {**backend.base_headers, **headers}
+        loop = asyncio.get_running_loop()
+        limit = t.first_token if stream else t.read
+        deadline = loop.time() + limit
         try:
-            with anyio.fail_after(t.first_token if stream else t.read):
-                upstream.sent = await backend.h1.request("POST", path, headers, body)
-                upstream.stall = t.stall if stream else t.read
-                if stream and upstream.sent.status_code == 200:
-                    upstream.first = await upstream.sent.next_chunk() or b""
+            upstream.sent = await backend.h1.request("POST", path, headers, body, limit)
+            upstream.stall = t.stall if stream else t.read
+            if stream and upstream.sent.status_code == 200:
+                upstream.first = await upstream.sent.next_chunk(max(0.0, deadline - loop.time())) or b""
         except (TimeoutError, h1.PoolTimeout) as exc:
             await close_upstream(upstream)
             what = ("first token" if stream else "response") if isinstance(exc, TimeoutError) else "no free connection"
@@ -371,11 +373,7 @@ async def iter_body(upstream: Upstream) -> AsyncIterator[bytes]:
             yield first
     response, stall = upstream.response, upstream.stall
     try:
-        while True:
-            with anyio.fail_after(stall):
-                chunk = await response.next_chunk()
-            if chunk is None:
-                return
+        while (chunk := await response.next_chunk(stall)) is not None:
             yield chunk
     except TimeoutError:
         raise UpstreamTimeout(f"backend {name} stopped sending (nothing for {stall or 0:g} s)") from None

@@ -158,6 +158,7 @@ def serve(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         timeout_graceful_shutdown=math.ceil(drain) + 2,  # the gateway ends late calls itself at drain_s
         h11_max_incomplete_event_size=256 * 1024,  # the gateway's own head limit (431) answers before this
+        proxy_headers=False,  # the gateway never uses the client address: skip rewriting it per request
     )
     DrainingServer(config, app.state.gateway).run()
     return 0

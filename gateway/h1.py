@@ -9,7 +9,7 @@ responses, keep-alive, back-pressure (reading pauses while the consumer is behin
 when a response is abandoned (that is what makes vLLM abort a generation).
 
 Errors: :class:`ConnectFailed` (refused, unreachable, connect timeout), :class:`ReadFailed` (the connection broke
-or the response was malformed), :class:`PoolTimeout`. Deadlines on reads are the caller's (``anyio.fail_after``).
+or the response was malformed), :class:`PoolTimeout`. Read deadlines are timers passed in by the caller (``within``).
 """
 
 from __future__ import annotations
@@ -164,19 +164,24 @@ class Response:
         if self.broken is not None and not self.head.done():
             self.head.set_exception(self.broken)
 
-    async def next_chunk(self) -> bytes | None:
-        """Everything received since the last call (at least one byte), or None at the end of the body."""
+    async def next_chunk(self, within: float | None = None) -> bytes | None:
+        """Everything received since the last call (at least one byte), or None at the end of the body.
+        TimeoutError if nothing arrives ``within`` seconds (one timer per wait, none when data is ready)."""
         while not self.buffer:
             if self.broken is not None:
                 raise self.broken
             if self.complete:
                 self._release()
                 return None
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(within, _expire, waiter) if within is not None else None
             try:
-                await self._waiter
+                await waiter
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
         data = self.buffer[0] if len(self.buffer) == 1 else b"".join(self.buffer)
         self.buffer.clear()
         self.buffered = 0
@@ -208,6 +213,11 @@ class Response:
         self.pool._give_back(conn, reusable)
 
 
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class Pool:
     """Keep-alive connections to one origin, at most ``max_connections`` open at once."""
 
@@ -226,8 +236,14 @@ class Pool:
         self.open = 0  # connections open or being opened
         self.waiters: deque[asyncio.Future[None]] = deque()
 
-    async def request(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Response:
-        """Send a request; returns once the response head has arrived (the body is read from the response)."""
+    async def request(
+        self, method: str, path: str, headers: dict[str, str], body: bytes, within: float | None = None
+    ) -> Response:
+        """Send a request; returns once the response head has arrived (the body is read from the response).
+        TimeoutError when the head has not arrived ``within`` seconds (connecting included). Deadlines are plain
+        timers, cheaper than cancel scopes on the hot path."""
+        loop = asyncio.get_running_loop()
+        deadline = None if within is None else loop.time() + within
         head = self._head(method, path, headers, body)
         for attempt in (0, 1):
             conn, reused = await self._acquire()
@@ -237,6 +253,7 @@ class Pool:
             conn.transport.write(head + body if len(body) < 65536 else head)
             if len(body) >= 65536:
                 conn.transport.write(body)
+            timer = None if deadline is None else loop.call_at(deadline, _expire, response.head)
             try:
                 await response.head
             except ReadFailed:
@@ -252,6 +269,9 @@ class Pool:
                 conn.close()
                 self._give_back(conn, False)
                 raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
             return response
         raise AssertionError("unreachable")
 

@@ -11,7 +11,6 @@ without ``[DONE]`` is reported the same way: never a silent end that a client wo
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway.asgi import race_disconnect
+from gateway.asgi import ClientWatch
 from gateway.auth import Client
 from gateway.backends import Upstream, close_upstream, iter_body, read_body
 from gateway.config import ModelCard
@@ -116,10 +115,10 @@ class RelayResponse(Response):
         ex: Exchange,
         upstream: Upstream,
         recorder: Recorder,
+        watch: ClientWatch,
         *,
         strip_usage: bool,
         keep_text: bool = False,
-        abort: asyncio.Event | None = None,
     ) -> None:
         self.ex = ex
         self.background = None
@@ -128,7 +127,7 @@ class RelayResponse(Response):
         self.strip_usage = strip_usage
         self.observer = StreamObserver(t0=ex.t0, keep_text=keep_text)
         self.settled: int | None = None
-        self.abort = abort
+        self.watch = watch
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex, observer = self.ex, self.observer
@@ -146,7 +145,7 @@ class RelayResponse(Response):
                 }
             )
             try:
-                disconnected, status_or_none = await race_disconnect(lambda: self._relay(send), receive, self.abort)
+                disconnected, status_or_none = await self.watch.run(lambda: self._relay(send))
             except ShuttingDown as err:  # the drain time is over: end the stream explicitly, never just cut it
                 disconnected, status_or_none = False, err.status
                 if self.settled is None:
@@ -160,6 +159,7 @@ class RelayResponse(Response):
         except OSError:  # the client went away while we were sending
             status = CLIENT_CLOSED
         finally:
+            self.watch.close()
             await close_upstream(self.upstream)
             self.upstream.release()
             self.recorder.metrics.series(ex.model, ex.backend).in_flight.dec()

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from gateway.app import Gateway, error_response
-from gateway.asgi import race_disconnect
+from gateway.asgi import ClientWatch
 from gateway.auth import Client
 from gateway.backends import Upstream
 from gateway.errors import GatewayError, ModelNotFound, UpstreamBadResponse, status_reason
@@ -30,14 +30,19 @@ def request_id_of(request: Request) -> str:
     return given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
+# These two routes are served by ``app.FastPath`` (before FastAPI's router and dependency machinery, which cost more
+# than the whole proxy): they stay registered here for the OpenAPI document and as the fallback.
 @router.post("/v1/chat/completions", openapi_extra=openapi_body("chat"), response_model=None)
 async def chat_completions(request: Request) -> Response:
-    return await proxy(request, "chat", "/v1/chat/completions")
+    return await proxy(request.app.state.gateway, request, "chat")
 
 
 @router.post("/v1/completions", openapi_extra=openapi_body("completions"), response_model=None)
 async def completions(request: Request) -> Response:
-    return await proxy(request, "completions", "/v1/completions")
+    return await proxy(request.app.state.gateway, request, "completions")
+
+
+PATHS: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
 
 
 @router.get("/v1/models")
@@ -65,8 +70,8 @@ async def models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-async def proxy(request: Request, endpoint: Endpoint, path: str) -> Response:
-    gw: Gateway = request.app.state.gateway
+async def proxy(gw: Gateway, request: Request, endpoint: Endpoint) -> Response:
+    path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     ex = Exchange(request_id_of(request), endpoint, request.scope.get("gateway.t0") or time.perf_counter())
     try:
         raw = await request.body()
@@ -104,17 +109,21 @@ async def proxy(request: Request, endpoint: Endpoint, path: str) -> Response:
             series.in_flight.dec()
 
     sent = time.perf_counter()
+    # From here until the call ends, a client that leaves cancels the upstream call (and vLLM aborts).
+    watch = ClientWatch(request.receive, gw.watches)
     try:
-        # Until the first byte goes out, a client that leaves cancels the upstream call (and vLLM aborts).
-        gone, result = await race_disconnect(call, request.receive, gw.abort)
+        gone, result = await watch.run(call)
     except GatewayError as err:
+        watch.close()
         return _failed(gw, ex, err)
     if gone:
+        watch.close()
         gw.recorder.failed(ex, CLIENT_CLOSED)
         return Response(status_code=CLIENT_CLOSED)
     upstream, content = result
     if content is None:
-        return RelayResponse(ex, upstream, gw.recorder, strip_usage=not parsed.client_wants_usage, abort=gw.abort)
+        return RelayResponse(ex, upstream, gw.recorder, watch, strip_usage=not parsed.client_wants_usage)
+    watch.close()
     done = time.perf_counter()
     status = upstream.response.status_code
     if status != 200:
