@@ -13,11 +13,16 @@ is role-only (``"content": ""``) and does not count.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 _BOUNDARY = b"\n\n"
+# The fast path of StreamObserver.observe: chunks with usage or an error are parsed, every other one is scanned.
+_SLOW = re.compile(r'"(?:usage|error)"\s*:\s*[{"\[]|"object"\s*:\s*"error"')
+_TOKEN = re.compile(r'"(?:content|reasoning_content|reasoning|text)"\s*:\s*"(?!")|"tool_calls"\s*:\s*\[\s*\{')
+_FINISH = re.compile(r'"finish_reason"\s*:\s*"([^"\\]+)"')
 
 
 @dataclass(slots=True)
@@ -82,6 +87,10 @@ def _next_line_end(buf: bytes, pos: int) -> tuple[int, int] | None:
 
 
 def _parse(raw: bytes) -> Event:
+    if (
+        raw.startswith(b"data: ") and raw.endswith(b"\n\n") and raw.count(b"\n") == 2 and b"\r" not in raw
+    ):  # vLLM: one data line
+        return Event(raw=raw, data=raw[6:-2].decode("utf-8", "replace"))
     data: list[str] = []
     for line in raw.splitlines():
         if line.startswith(b"data:"):
@@ -159,6 +168,14 @@ class StreamObserver:
         if data == "[DONE]":
             self.done = True
             return False
+        if not self.keep_text and _SLOW.search(data) is None:
+            # The common chunk (no usage, no error, text not kept): a scan of the JSON text instead of parsing it.
+            # Keys can be matched literally: a quote inside a JSON string is always escaped.
+            if _TOKEN.search(data) is not None:
+                self._token(time.perf_counter() if now is None else now)
+            if (finish := _FINISH.search(data)) is not None:
+                self.finish_reason = finish.group(1)
+            return False
         try:
             obj = json.loads(data)
         except ValueError:
@@ -176,18 +193,20 @@ class StreamObserver:
         if not isinstance(choices, list) or not choices:
             return usage is not None
         if _carries_tokens(choices):
-            t = time.perf_counter() if now is None else now
-            if self.first_token is None:
-                self.first_token = t
-            elif self.last_token is not None:
-                self.gaps.append(t - self.last_token)
-            self.last_token = t
+            self._token(time.perf_counter() if now is None else now)
             if self.keep_text:
                 self.text.append(_text_of(choices))
         for choice in choices:
             if isinstance(choice, dict) and choice.get("finish_reason"):
                 self.finish_reason = str(choice["finish_reason"])
         return False
+
+    def _token(self, t: float) -> None:
+        if self.first_token is None:
+            self.first_token = t
+        elif self.last_token is not None:
+            self.gaps.append(t - self.last_token)
+        self.last_token = t
 
     @property
     def ttft(self) -> float | None:

@@ -119,3 +119,33 @@ def test_in_stream_error_is_recorded() -> None:
 def test_tpot_needs_two_tokens() -> None:
     obs, _ = observe_all(chunk("a") + b'data: {"choices":[],"usage":{"completion_tokens":1}}\n\n', [11.0, 11.1])
     assert obs.ttft == pytest.approx(1.0) and obs.tpot is None
+
+
+SCAN_CASES = [
+    '{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}',
+    '{"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}]}',
+    '{"choices":[{"index":0,"delta":{"content":null,"reasoning_content":"hmm"}}]}',
+    '{"choices":[{"index":0,"delta":{"reasoning":"x"}}]}',
+    '{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{}"}}]}}]}',
+    '{"choices":[{"index":0,"delta":{"tool_calls":[]}}]}',
+    '{"choices":[{"index":0,"delta":{"content":"say \\"content\\":\\"x\\" and \\"usage\\":{"}}]}',
+    '{"choices":[{"index":0,"delta":{"content":""},"finish_reason":"length"}]}',
+    '{"choices":[{"index":0,"text":"abc","finish_reason":"stop"}]}',
+    '{"choices":[{"index":0,"text":"","finish_reason":null}]}',
+    '{ "choices" : [ { "index" : 0, "delta" : { "content" : "spaced" }, "finish_reason" : "stop" } ] }',
+    '{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}',
+    '{"choices":[{"index":0,"delta":{"content":"x"}}],"usage":null}',
+]
+
+
+@pytest.mark.parametrize("data", SCAN_CASES)
+def test_the_scan_agrees_with_parsing(data: str) -> None:
+    """The observer's fast path (a scan of the JSON text) decides exactly what parsing the chunk decides."""
+    fast, parsed = StreamObserver(t0=0.0), StreamObserver(t0=0.0, keep_text=True)  # keep_text forces parsing
+    event = Event(raw=b"", data=data)
+    assert fast.observe(event, now=1.0) == parsed.observe(event, now=1.0)
+    assert (fast.first_token, fast.finish_reason, fast.usage) == (
+        parsed.first_token,
+        parsed.finish_reason,
+        parsed.usage,
+    )
