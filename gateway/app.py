@@ -6,10 +6,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
+import signal
+import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
@@ -35,7 +40,7 @@ from gateway.errors import (
     ServerError,
     UnsupportedMediaType,
 )
-from gateway.metrics import NO_MODEL, Metrics
+from gateway.metrics import NO_MODEL, Metrics, multiprocess
 from gateway.mirror import Mirror
 from gateway.proxy import Recorder
 from gateway.store import Store
@@ -65,11 +70,31 @@ class Gateway:
         if self.draining:
             return
         self.draining = True
+        log.info("shutting down: in-flight calls get %g s (gateway.drain_s)", self.settings.gateway.drain_s)
         asyncio.get_running_loop().call_later(self.settings.gateway.drain_s, self._abort_all)
 
     def _abort_all(self) -> None:
         for watch in list(self.watches):
             watch.abort()
+
+
+def drain_on_signals(gateway: Gateway) -> None:
+    """Chain the gateway's drain in front of the server's SIGTERM/SIGINT handlers (uvicorn's, in every worker):
+    uvicorn stops accepting and waits for in-flight calls, the gateway turns /ready 503 and ends what is left after
+    ``drain_s`` explicitly. Only in the main thread (where signals are delivered); tests in threads skip it."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(sig)
+        if not callable(previous):
+            continue
+
+        def handler(signum: int, frame: FrameType | None, previous: Callable[..., Any] = previous) -> None:
+            loop.call_soon_threadsafe(gateway.begin_drain)
+            previous(signum, frame)
+
+        signal.signal(sig, handler)
 
 
 async def send_error(send: Send, err: GatewayError, *, close: bool = False) -> None:
@@ -244,6 +269,13 @@ def error_response(err: GatewayError, request_id: str | None = None) -> JSONResp
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
+def app_from_env() -> FastAPI:
+    """The app of one ``gateway serve --workers N`` worker: the settings come from the parent in the environment."""
+    from gateway.config import Settings
+
+    return create_app(Settings.model_validate_json(os.environ["GATEWAY_SETTINGS_JSON"]))
+
+
 def create_app(
     settings: Settings,
     *,
@@ -266,6 +298,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await pool.start()
+        drain_on_signals(gateway)
         # Everything built so far lives as long as the process: keep it out of the collector's scans, and collect
         # the young generation less often (a request allocates a few hundred short-lived objects).
         gc.collect()
@@ -281,6 +314,10 @@ def create_app(
             if exporter is not None:
                 exporter.shutdown()
                 exporter.server_close()
+            if multiprocess():
+                from prometheus_client import multiprocess as mp
+
+                mp.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]  # its live* gauges go away
             await mirror.close()
             await pool.close()
             store.close()

@@ -31,6 +31,10 @@ def _serve_parser(sub: Any) -> None:
     p.add_argument("--port", type=int, help="port to listen on (default from config, else 8000)")
     p.add_argument("--discover-timeout", type=float, default=60.0, help="seconds to wait for --backend servers")
     p.add_argument("--access-log", action="store_true", help="log every request (off: it costs throughput)")
+    p.add_argument(
+        "--workers", type=int, default=1,
+        help="worker processes sharing the port (metrics aggregated across them; limits and queues are per worker)",
+    )  # fmt: skip
 
 
 def _emulate_parser(sub: Any) -> None:
@@ -132,7 +136,6 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.server import DrainingServer
 
     env = ServeEnv()
     config = args.config or env.config
@@ -148,6 +151,11 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.gateway.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.workers < 1:
+        print("error: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers > 1:
+        return serve_workers(settings, host, port, args)
     app = create_app(settings)
     drain = settings.gateway.drain_s
     config = uvicorn.Config(
@@ -160,7 +168,40 @@ def serve(args: argparse.Namespace) -> int:
         h11_max_incomplete_event_size=256 * 1024,  # the gateway's own head limit (431) answers before this
         proxy_headers=False,  # the gateway never uses the client address: skip rewriting it per request
     )
-    DrainingServer(config, app.state.gateway).run()
+    uvicorn.Server(config).run()
+    return 0
+
+
+def serve_workers(settings: Settings, host: str, port: int, args: argparse.Namespace) -> int:
+    """``--workers N``: uvicorn's process manager, each worker building the app from the settings passed in the
+    environment, metrics in prometheus-client's multiprocess mode (a private directory, removed at exit)."""
+    import os
+    import shutil
+    import tempfile
+
+    import uvicorn
+
+    if settings.gateway.metrics_port is not None:
+        print("error: gateway.metrics_port is not supported with --workers > 1 (scrape the API port)", file=sys.stderr)
+        return 2
+    metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ["GATEWAY_SETTINGS_JSON"] = settings.model_dump_json()
+    try:
+        uvicorn.run(
+            "gateway.app:app_from_env",
+            factory=True,
+            workers=args.workers,
+            host=host,
+            port=port,
+            log_level=settings.gateway.log_level,
+            access_log=args.access_log,
+            timeout_graceful_shutdown=math.ceil(settings.gateway.drain_s) + 2,
+            h11_max_incomplete_event_size=256 * 1024,
+            proxy_headers=False,
+        )
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

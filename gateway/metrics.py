@@ -4,15 +4,20 @@ Naming: ``gateway_<noun>_<unit>``, counters end in ``_total``, seconds and USD a
 belong to vLLM's ``vllm:*`` metrics and to recording rules). Labels come only from the configuration (model,
 backend) or from closed enums (endpoint, status, reason, basis): never request ids, keys or prompts.
 
+With ``gateway serve --workers N`` every worker writes its samples to ``PROMETHEUS_MULTIPROC_DIR`` and /metrics
+aggregates them (counters and histograms add up; gauges say how: in-flight and queues add up over live workers, a
+backend counts as up only if every worker sees it up, the worst circuit state wins).
+
 Latency buckets are vLLM's own (see MEASUREMENT.md) so that SLO thresholds line up with ``vllm:*`` histograms;
 ITL/TPOT get three finer buckets below 10 ms because the gateway's own overhead is measured there.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 from gateway.config import Settings
 from gateway.errors import UPSTREAM_REASONS
@@ -46,6 +51,21 @@ class Series:
     completion_tokens: Counter
     in_flight: Gauge
     cost_list_price: Counter
+
+
+def multiprocess() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The text for /metrics: this process's registry, or every worker's samples in multiprocess mode."""
+    if multiprocess():
+        from prometheus_client import multiprocess as mp
+
+        aggregate = CollectorRegistry()
+        mp.MultiProcessCollector(aggregate)  # type: ignore[no-untyped-call]
+        return generate_latest(aggregate)
+    return generate_latest(registry)
 
 
 class Metrics:
@@ -83,12 +103,16 @@ class Metrics:
         self.completion_tokens = Counter(
             "gateway_completion_tokens", "Completion tokens, from the backend's usage.", mb, registry=registry
         )
-        self.in_flight = Gauge("gateway_requests_in_flight", "Requests being served right now.", mb, registry=registry)
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight", "Requests being served right now.", mb, registry=registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.backend_up = Gauge(
             "gateway_backend_up",
             "1 if the backend passed its last health check.",
             ("backend",),
             registry=registry,
+            multiprocess_mode="livemin",
         )
         self.upstream_errors = Counter(
             "gateway_upstream_errors", "Backend failures by reason.", ("backend", "reason"), registry=registry
@@ -96,7 +120,7 @@ class Metrics:
         self.circuit_state = Gauge(
             "gateway_backend_circuit_state",
             "Outlier ejection: 0 closed (in rotation), 1 half-open (one probe request allowed), 2 open (ejected).",
-            ("backend",), registry=registry,
+            ("backend",), registry=registry, multiprocess_mode="livemax",
         )  # fmt: skip
         self.retries = Counter(
             "gateway_retries", "Requests sent again to another replica (before any byte reached the client).",
@@ -108,7 +132,7 @@ class Metrics:
         )  # fmt: skip
         self.queued = Gauge(
             "gateway_queue_waiting", "Requests waiting for a backend slot (every replica at max_concurrency).",
-            ("model",), registry=registry,
+            ("model",), registry=registry, multiprocess_mode="livesum",
         )  # fmt: skip
         self.rejected = Counter(
             "gateway_rejected", "Requests refused before reaching a backend, by reason.", ("model", "reason"),
@@ -122,19 +146,20 @@ class Metrics:
         self.backend_cost_per_hour = Gauge(
             "gateway_backend_cost_per_hour_usd",
             "GPUs x $/GPU-hour of the backend: divide by the token rate for $ per token on the GPU-time basis.",
-            ("backend",), registry=registry,
+            ("backend",), registry=registry, multiprocess_mode="max",
         )  # fmt: skip
         self.model_info = Gauge(
             "gateway_model_info",
             "Model card, for joins: group any panel by origin, family or vendor.",
             ("model", "family", "vendor", "origin", "params_b", "active_params_b", "gpu_type", "gpu_count"),
-            registry=registry,
+            registry=registry, multiprocess_mode="max",
         )  # fmt: skip
         self.backend_info = Gauge(
             "gateway_backend_info",
             "Which backend serves which model.",
             ("backend", "model"),
             registry=registry,
+            multiprocess_mode="max",
         )
         # Shadow (mirrored) traffic: its own families, so client-facing numbers and cost never include it.
         self.mirror_requests = Counter(

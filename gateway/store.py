@@ -91,6 +91,7 @@ class Store:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=5000")  # several gateway workers may write the same file
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
 

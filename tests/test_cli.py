@@ -57,6 +57,39 @@ def test_serve_discovers_models_from_backends() -> None:
         assert emu["owned_by"] == "vllm-emulator"  # the emulator never passes for a model
 
 
+def test_serve_with_workers_aggregates_metrics_and_stops_cleanly() -> None:
+    e, gw = free_port(), free_port()
+    url = f"http://127.0.0.1:{gw}"
+    with (
+        cli("emulate", "--model", "m", "--port", str(e), "--ttft-ms", "5", "--itl-ms", "2",
+            ready=f"http://127.0.0.1:{e}/health"),
+        cli("serve", "--backend", f"http://127.0.0.1:{e}", "--port", str(gw), "--workers", "2",
+            ready=f"{url}/ready", timeout=60) as proc,
+    ):  # fmt: skip
+        sdk = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        for i in range(20):
+            if i % 2:
+                list(sdk.completions.create(model="m", prompt="hi", max_tokens=3, stream=True))
+            else:
+                sdk.completions.create(model="m", prompt="hi", max_tokens=3)
+        out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, check=False).stdout.decode()
+        workers = [int(p) for p in out.split()]
+        assert len(workers) >= 2
+        environ = Path(f"/proc/{workers[0]}/environ").read_bytes().split(b"\0")
+        metrics_dir = next(v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"PROMETHEUS_MULTIPROC_DIR="))
+        assert Path(metrics_dir).is_dir()
+        for _ in range(3):  # whichever worker answers, the counts are the sum over workers
+            text = httpx.get(f"{url}/metrics").text
+            assert metric(text, "gateway_requests_total", model="m", status="200") == 20
+            assert metric(text, "gateway_completion_tokens_total", model="m") == 60
+            assert metric(text, "gateway_time_to_first_token_seconds_count", model="m") == 10
+            assert metric(text, "gateway_requests_in_flight", model="m") == 0
+            assert metric(text, "gateway_backend_up") == 1
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+        assert not Path(metrics_dir).exists()  # its private metrics directory is removed
+
+
 def test_gateway_timing_matches_the_emulators_ttft_and_itl(tmp_path: Path) -> None:
     """Done-when of the core issue: TTFT 200 ms / ITL 20 ms upstream -> gateway median TTFT 200 +/- 10 ms and
     median ITL 20 +/- 3 ms. Both run as separate processes, as deployed."""
