@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 from fastapi import FastAPI, Request
@@ -26,7 +26,6 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import __version__
-from gateway.asgi import ClientWatch
 from gateway.auth import Keyring
 from gateway.backends import BackendPool
 from gateway.config import Settings
@@ -49,6 +48,10 @@ log = logging.getLogger("gateway.app")
 GC_GEN0_THRESHOLD = 20_000  # CPython's default is 700 (2,000 in 3.13)
 
 
+class Abortable(Protocol):
+    def abort(self) -> None: ...
+
+
 @dataclass(slots=True)
 class Gateway:
     """Everything a request handler needs, built once per app."""
@@ -62,7 +65,7 @@ class Gateway:
     keyring: Keyring
     started: int
     draining: bool = False  # SIGTERM received: /ready says 503, in-flight calls get drain_s to finish
-    watches: set[ClientWatch] = field(default_factory=set)  # the proxied calls in flight (aborted after drain_s)
+    watches: set[Abortable] = field(default_factory=set)  # the calls in flight (aborted after drain_s)
 
     def begin_drain(self) -> None:
         """Called (in the event loop) when shutdown starts; after ``drain_s`` unfinished calls are ended with an

@@ -60,7 +60,7 @@ class ClientWatch:
     consumes ``receive``); ``close`` it when done.
     """
 
-    def __init__(self, receive: Receive, registry: set[ClientWatch]) -> None:
+    def __init__(self, receive: Receive, registry: set[Any]) -> None:
         self.gone = False
         self.aborted = False
         self._task: asyncio.Task[Any] | None = None

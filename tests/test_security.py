@@ -280,3 +280,28 @@ def test_ready_turns_503_while_draining() -> None:
             app.state.gateway.draining = True  # what SIGTERM sets (see the test above)
             r = httpx.get(f"{gw.url}/ready")
             assert r.status_code == 503 and r.json()["draining"] is True
+
+
+def test_a_fan_out_stream_past_the_drain_time_ends_explicitly(tmp_path: Path) -> None:
+    emulator = create_emulator_app(EmulatorConfig(model="m1", ttft_ms=10, itl_ms=50, output_tokens=40))  # 2 s
+    with ThreadServer(emulator) as backend:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        config = drain_config(tmp_path, backend.url, 0.5)
+        with cli("serve", "--config", str(config), "--port", str(port), ready=f"{url}/ready") as proc:
+            received: list[bytes] = []
+            body = {"models": ["m1"], "messages": PLAIN["messages"], "max_tokens": 40, "stream": True}
+
+            def run() -> None:
+                with httpx.stream("POST", f"{url}/v1/compare/chat/completions", json=body, timeout=20) as r:
+                    received.extend(r.iter_raw())
+
+            stream = threading.Thread(target=run)
+            stream.start()
+            time.sleep(0.4)
+            proc.send_signal(signal.SIGTERM)
+            stream.join(15)
+            assert proc.wait(15) in (0, -signal.SIGTERM)
+        raw = b"".join(received)
+        assert raw.endswith(b"data: [DONE]\n\n")
+        assert json.loads(raw.split(b"\n\n")[-3].removeprefix(b"data: "))["error"]["code"] == "shutting_down"

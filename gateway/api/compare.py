@@ -27,7 +27,15 @@ from gateway.app import Gateway, error_response
 from gateway.asgi import race_disconnect
 from gateway.auth import Client
 from gateway.config import ModelCard
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, NotFound, PermissionDenied, ServerError
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    PermissionDenied,
+    ServerError,
+    ShuttingDown,
+)
 from gateway.fanout import Outcome, assemble, call_model
 from gateway.protocol import Endpoint, json_object, openapi_body, parse_body
 from gateway.store import as_dict
@@ -148,25 +156,48 @@ async def _stream(
         return outcome
 
     tasks = [asyncio.create_task(one(card)) for card in cards]
+    drain = DrainStop(gw.watches)
     try:
         pending = set(tasks)
         while pending or not queue.empty():
             getter = asyncio.ensure_future(queue.get())
-            done, _ = await asyncio.wait({getter, *pending}, return_when=asyncio.FIRST_COMPLETED)
+            waiting: set[asyncio.Future[Any]] = {getter, drain.stopped, *pending}
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             pending -= done
             if getter in done:
                 yield getter.result()
             else:
                 getter.cancel()
+            if drain.stopped in done:  # the gateway's drain time is over: an explicit end, not a cut stream
+                yield ShuttingDown("the gateway is shutting down and its drain time is over").sse_event()
+                return
         store([t.result() for t in tasks])
         yield b"data: " + json.dumps({"type": "done", "id": comparison_id}).encode() + b"\n\n" + b"data: [DONE]\n\n"
     except Exception as exc:  # a bug of ours: still an explicit end, never a cut stream
         log.exception("fan-out %s failed", comparison_id)
         yield ServerError(f"internal error: {type(exc).__name__}").sse_event()
     finally:
+        drain.close()
         for task in tasks:
             task.cancel()  # the client left: close every upstream call (vLLM aborts)
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class DrainStop:
+    """A fan-out stream's entry in the gateway's registry of calls to end when the drain time is over."""
+
+    def __init__(self, registry: set[Any]) -> None:
+        self.stopped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._registry = registry
+        registry.add(self)
+
+    def abort(self) -> None:
+        if not self.stopped.done():
+            self.stopped.set_result(None)
+
+    def close(self) -> None:
+        self._registry.discard(self)
+        self.stopped.cancel()
 
 
 def _admin_only(request: Request) -> None:
