@@ -156,6 +156,9 @@ class Response:
         self.broken: ReadFailed | None = None
         self.released = False
         self._waiter: asyncio.Future[None] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._within = 0.0
+        self._wait_started = 0.0
 
     def wake(self) -> None:
         waiter = self._waiter
@@ -175,13 +178,12 @@ class Response:
                 return None
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(within, _expire, waiter) if within is not None else None
+            if within is not None:
+                self._arm(loop, within)
             try:
                 await waiter
             finally:
                 self._waiter = None
-                if timer is not None:
-                    timer.cancel()
         data = self.buffer[0] if len(self.buffer) == 1 else b"".join(self.buffer)
         self.buffer.clear()
         self.buffered = 0
@@ -189,6 +191,25 @@ class Response:
             self.paused = False
             self.conn.transport.resume_reading()
         return data
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, within: float) -> None:
+        """One watchdog timer per response, re-armed only when it fires: a wait that started at ``t`` times out at
+        ``t + within`` without creating and cancelling a timer for every chunk."""
+        self._within = within
+        self._wait_started = loop.time()
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(self._wait_started + within, self._check, loop)
+
+    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._watchdog = None
+        waiter = self._waiter
+        if waiter is None or waiter.done() or self.released:
+            return  # not waiting now: the next wait arms it again
+        due = self._wait_started + self._within
+        if loop.time() >= due:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._watchdog = loop.call_at(due, self._check, loop)
 
     async def aiter_raw(self) -> AsyncIterator[bytes]:
         while (chunk := await self.next_chunk()) is not None:
@@ -206,6 +227,9 @@ class Response:
         if self.released:
             return
         self.released = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         conn = self.conn
         reusable = self.complete and self.keep_alive and self.broken is None and not conn.closed
         if not reusable:
