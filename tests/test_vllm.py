@@ -109,7 +109,8 @@ def test_streamed_bytes_are_relayed_exactly(vllm: VllmStack, model: str) -> None
             via_gateway = httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=60).content
     streams = [b for h, b in tee.bodies() if h.get("content-type", "").startswith("text/event-stream")]
     assert len(streams) == 1
-    assert via_gateway.endswith(b"data: [DONE]\n\n") and via_gateway.count(b"data: ") >= 10
+    # a real stream (role, content, usage, [DONE] at least); vLLM merges tokens into fewer chunks when it is busy
+    assert via_gateway.endswith(b"data: [DONE]\n\n") and via_gateway.count(b"data: ") >= 4
     assert via_gateway == streams[0]
 
 
