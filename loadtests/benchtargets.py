@@ -132,6 +132,17 @@ def smoke(url: str, timeout: float = 5.0) -> None:
         raise Unavailable(f"smoke request: no token chunks or no [DONE] in {r.text[:200]!r}")
 
 
+def started(proc: Process, port: int, timeout: float) -> Running:
+    """The proxy once it answers on ``port`` (stopped, and Unavailable raised, if it does not)."""
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, url, timeout)
+    except Unavailable:
+        proc.stop()
+        raise
+    return Running(proc.name, url, proc)
+
+
 def wait_ready(proc: Process, url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     last = "no answer"
@@ -206,13 +217,7 @@ def start_gateway(env: Env, log_dir: Path) -> Running:
     )
     cmd = [*pinned(env.proxy_core), sys.executable, "-m", "gateway", "serve", "--config", str(config)]
     proc = Process("gateway", [*cmd, "--port", str(port)], log_dir / "gateway.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc, url, 60)
-    except Unavailable:
-        proc.stop()
-        raise
-    return Running("gateway", url, proc)
+    return started(proc, port, 60)
 
 
 def nginx_conf(prefix: Path, port: int, backend: str, nofile: int) -> str:
@@ -267,13 +272,7 @@ def start_nginx(env: Env, log_dir: Path) -> Running:
     cmd = [*pinned(env.proxy_core), *drop, binary, "-c", str(conf), "-p", str(prefix)]
     cmd += ["-e", str(prefix / "error.log"), "-g", "daemon off;"]
     proc = Process("nginx", cmd, log_dir / "nginx.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc, url, 30)
-    except Unavailable:
-        proc.stop()
-        raise
-    return Running("nginx", url, proc)
+    return started(proc, port, 30)
 
 
 def start_litellm(env: Env, log_dir: Path) -> Running:
@@ -302,13 +301,7 @@ def start_litellm(env: Env, log_dir: Path) -> Running:
     exe = _venv("litellm") / "bin" / "litellm"
     cmd = [*pinned(env.proxy_core), str(exe), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
     proc = Process("litellm", [*cmd, "--num_workers", "1"], log_dir / "litellm.log", env=process_env, cwd=log_dir)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc, url, 120)
-    except Unavailable:
-        proc.stop()
-        raise
-    return Running("litellm", url, proc)
+    return started(proc, port, 120)
 
 
 def start_vllm_router(env: Env, log_dir: Path) -> Running:
@@ -319,13 +312,7 @@ def start_vllm_router(env: Env, log_dir: Path) -> Running:
     cmd += ["--worker-urls", env.backend_url, "--policy", "round_robin"]
     cmd += ["--prometheus-port", str(free_port()), "--log-level", "warning"]
     proc = Process("vllm-router", cmd, log_dir / "vllm-router.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(proc, url, 60)
-    except Unavailable:
-        proc.stop()
-        raise
-    return Running("vllm-router", url, proc)
+    return started(proc, port, 60)
 
 
 STARTERS: dict[str, Callable[[Env, Path], Running]] = {
