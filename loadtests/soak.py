@@ -277,7 +277,7 @@ def check_fanout(raw: bytes, models: list[str], expect: Expect) -> Verdict:
         return Verdict(LOST, f"malformed fan-out body ({type(exc).__name__}): {raw[:120]!r}")
     if sorted(results) != sorted(models):
         return Verdict(LOST, f"fan-out results for {sorted(results)}, asked {sorted(models)}")
-    errors = []
+    slots = []
     for model, r in results.items():
         response = r.get("response") or {}
         try:
@@ -285,13 +285,21 @@ def check_fanout(raw: bytes, models: list[str], expect: Expect) -> Verdict:
             finish, tokens = choice.get("finish_reason"), response["usage"]["completion_tokens"]
         except (KeyError, IndexError, TypeError):
             finish, tokens = None, -1
-        slot = _fanout_slot(model, r.get("error"), finish, tokens, expect)
+        slots.append((model, r.get("error"), finish, tokens))
+    return _fanout_verdict(slots, expect, "fanout")
+
+
+def _fanout_verdict(slots: list[tuple[str, Any, str | None, int]], expect: Expect, where: str) -> Verdict:
+    """Every model's slot (model, error, finish reason, tokens) complete or an explicit error, else LOST."""
+    errors = []
+    for model, error, finish, tokens in slots:
+        slot = _fanout_slot(model, error, finish, tokens, expect)
         if slot == "error":
-            errors.append(r["error"])
+            errors.append(error)
         elif slot is not None:
             return Verdict(LOST, slot)
     if errors:
-        return Verdict(ERROR, error_key(errors[0], "fanout"))
+        return Verdict(ERROR, error_key(errors[0], where))
     return Verdict(COMPLETE)
 
 
@@ -346,16 +354,8 @@ class FanoutStreamCheck:
             return Verdict(LOST, f"fan-out stream ended without done/[DONE] after {self.events} events")
         if sorted(self.results) != sorted(self.models):
             return Verdict(LOST, f"fan-out results for {sorted(self.results)}, asked {sorted(self.models)}")
-        errors = []
-        for model, result in self.results.items():
-            slot = _fanout_slot(model, result.get("error"), self.finish.get(model), self.tokens[model], self.expect)
-            if slot == "error":
-                errors.append(result["error"])
-            elif slot is not None:
-                return Verdict(LOST, slot)
-        if errors:
-            return Verdict(ERROR, error_key(errors[0], "fanout-stream"))
-        return Verdict(COMPLETE)
+        slots = [(m, r.get("error"), self.finish.get(m), self.tokens[m]) for m, r in self.results.items()]
+        return _fanout_verdict(slots, self.expect, "fanout-stream")
 
 
 async def sse_data(response: httpx.Response) -> AsyncIterator[str]:
