@@ -339,6 +339,9 @@ def create_app(
         title="LLM comparison gateway",
         version=__version__,
         lifespan=lifespan,
+        # FastAPI's own OpenTelemetry hooks: the gateway exports Prometheus metrics instead, and the check of the
+        # global providers costs a few microseconds on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
         docs_url="/docs",
         redoc_url=None,
     )

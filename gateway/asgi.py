@@ -3,13 +3,54 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import anyio
-from starlette.types import Receive
+from starlette.types import Message, Receive, Send
 
 from gateway.errors import ShuttingDown
+
+
+def send_now(send: Send, message: Message) -> asyncio.Future[None] | None:
+    """Start ``send(message)`` from plain (non-async) code and run it as far as it goes without waiting.
+
+    None when it finished, the usual case (uvicorn writes to the socket at once); else a task running the rest
+    of it (the client's socket buffer was full, say), or a future holding the exception it raised. The caller
+    awaits that before its next send, so messages keep their order."""
+    coro = send(message)
+    if not isinstance(coro, Coroutine):
+        return asyncio.ensure_future(coro)
+    try:
+        waiting = coro.send(None)
+    except StopIteration:
+        return None
+    except Exception as exc:
+        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        failed.set_exception(exc)
+        return failed
+    return asyncio.ensure_future(_resume(coro, waiting))
+
+
+async def _resume(coro: Coroutine[Any, Any, Any], waiting: Any) -> None:
+    """Go on with a coroutine suspended on ``waiting`` (what it yielded: a future, or None), as a task would."""
+    while True:
+        try:
+            if waiting is None:
+                await asyncio.sleep(0)
+            else:
+                waiting._asyncio_future_blocking = False  # taken over, as Task.__step does with what it is handed
+                await waiting
+        except BaseException as exc:  # the future failed, or this task was cancelled: the coroutine gets it
+            try:
+                waiting = coro.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                waiting = coro.send(None)
+            except StopIteration:
+                return
 
 
 async def until_disconnect(receive: Receive) -> None:

@@ -109,6 +109,23 @@ class Upstream:
         """The backend failed after the response began: counted, and held against it by its breaker."""
         self.pool.failed(self.backend, reason)
 
+    async def read(self) -> bytes | None:
+        """The next bytes of the response (a stream's pre-read first chunk first), None at its end. A silence
+        longer than the stall timeout and transport failures become gateway errors (for in-band reporting)."""
+        first = self.first
+        if first is not None:
+            self.first = None
+            if first:
+                return first
+        try:
+            return await self.response.next_chunk(self.stall)
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"backend {self.backend.name} stopped sending (nothing for {self.stall or 0:g} s)"
+            ) from None
+        except h1.ReadFailed as exc:
+            raise UpstreamStreamError(f"backend {self.backend.name} broke the response off ({exc})") from None
+
 
 class BackendPool:
     def __init__(
@@ -364,21 +381,9 @@ async def close_upstream(upstream: Upstream) -> None:
 
 
 async def iter_body(upstream: Upstream) -> AsyncIterator[bytes]:
-    """The response's bytes as they arrive (a stream's pre-read first chunk first); a silence longer than the
-    stall timeout and transport failures become gateway errors (for in-band reporting)."""
-    name = upstream.backend.name
-    if upstream.first is not None:
-        first, upstream.first = upstream.first, None
-        if first:
-            yield first
-    response, stall = upstream.response, upstream.stall
-    try:
-        while (chunk := await response.next_chunk(stall)) is not None:
-            yield chunk
-    except TimeoutError:
-        raise UpstreamTimeout(f"backend {name} stopped sending (nothing for {stall or 0:g} s)") from None
-    except h1.ReadFailed as exc:
-        raise UpstreamStreamError(f"backend {name} broke the response off ({exc})") from None
+    """The response's bytes as they arrive (see ``Upstream.read``)."""
+    while (chunk := await upstream.read()) is not None:
+        yield chunk
 
 
 async def read_body(upstream: Upstream) -> bytes:

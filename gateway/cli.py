@@ -157,19 +157,22 @@ def serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         return serve_workers(settings, host, port, args)
     app = create_app(settings)
-    drain = settings.gateway.drain_s
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=settings.gateway.log_level,
-        access_log=args.access_log,
-        timeout_graceful_shutdown=math.ceil(drain) + 2,  # the gateway ends late calls itself at drain_s
-        h11_max_incomplete_event_size=256 * 1024,  # the gateway's own head limit (431) answers before this
-        proxy_headers=False,  # the gateway never uses the client address: skip rewriting it per request
-    )
-    uvicorn.Server(config).run()
+    uvicorn.Server(uvicorn.Config(app, **server_options(settings, host, port, args))).run()
     return 0
+
+
+def server_options(settings: Settings, host: str, port: int, args: argparse.Namespace) -> dict[str, Any]:
+    """uvicorn's settings for the gateway, one process or several."""
+    return {
+        "host": host,
+        "port": port,
+        "log_level": settings.gateway.log_level,
+        "access_log": args.access_log,
+        "timeout_graceful_shutdown": math.ceil(settings.gateway.drain_s) + 2,  # late calls end at drain_s
+        "h11_max_incomplete_event_size": 256 * 1024,  # the gateway's own head limit (431) answers before this
+        "proxy_headers": False,  # the gateway never uses the client address: skip rewriting it per request
+        "server_header": False,  # no "server: uvicorn" on every response
+    }
 
 
 def serve_workers(settings: Settings, host: str, port: int, args: argparse.Namespace) -> int:
@@ -189,16 +192,7 @@ def serve_workers(settings: Settings, host: str, port: int, args: argparse.Names
     os.environ["GATEWAY_SETTINGS_JSON"] = settings.model_dump_json()
     try:
         uvicorn.run(
-            "gateway.app:app_from_env",
-            factory=True,
-            workers=args.workers,
-            host=host,
-            port=port,
-            log_level=settings.gateway.log_level,
-            access_log=args.access_log,
-            timeout_graceful_shutdown=math.ceil(settings.gateway.drain_s) + 2,
-            h11_max_incomplete_event_size=256 * 1024,
-            proxy_headers=False,
+            "gateway.app:app_from_env", factory=True, workers=args.workers, **server_options(settings, host, port, args)
         )
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)

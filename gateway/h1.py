@@ -18,7 +18,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -105,6 +105,9 @@ class _Connection(asyncio.Protocol):
         response = self.response
         if response is None:
             return
+        if response.inline is not None and not response.buffer and response.waiting() and response.inline(body):
+            response._wait_started = response.loop.time()  # bytes arrived: the silence being timed starts again
+            return
         response.buffer.append(body)
         response.buffered += len(body)
         if response.buffered > HIGH_WATER and self.transport is not None and not response.paused:
@@ -147,7 +150,8 @@ class Response:
         self.conn = conn
         self.status_code = 0
         self.headers: dict[str, str] = {}
-        self.head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.loop = asyncio.get_running_loop()  # once: each call of get_running_loop costs a getpid() system call
+        self.head: asyncio.Future[None] = self.loop.create_future()
         self.buffer: list[bytes] = []
         self.buffered = 0
         self.paused = False
@@ -157,6 +161,9 @@ class Response:
         self.released = False
         self._waiter: asyncio.Future[None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        # Set by a reader that can take bytes as they arrive (``RelayResponse``): while the reader waits in
+        # ``next_chunk`` with nothing buffered, each piece of the body is offered to it first; True means taken.
+        self.inline: Callable[[bytes], bool] | None = None
         self._within = 0.0
         self._wait_started = 0.0
 
@@ -176,7 +183,7 @@ class Response:
             if self.complete:
                 self._release()
                 return None
-            loop = asyncio.get_running_loop()
+            loop = self.loop
             waiter = self._waiter = loop.create_future()
             if within is not None:
                 self._arm(loop, within)
@@ -191,6 +198,10 @@ class Response:
             self.paused = False
             self.conn.transport.resume_reading()
         return data
+
+    def waiting(self) -> bool:
+        """A reader is blocked in ``next_chunk`` (and not yet woken)."""
+        return self._waiter is not None and not self._waiter.done()
 
     def _arm(self, loop: asyncio.AbstractEventLoop, within: float) -> None:
         """One watchdog timer per response, re-armed only when it fires: a wait that started at ``t`` times out at

@@ -93,9 +93,19 @@ def parse_body(body: dict[str, Any], endpoint: Endpoint) -> ParsedRequest:
     )
 
 
+_WANT_USAGE = b'{"stream_options":{"include_usage":true},'
+
+
 def upstream_body(parsed: ParsedRequest, raw: bytes, model_id: str) -> bytes:
-    """The body to send to vLLM: the client's bytes unless usage must be requested or an alias replaced."""
+    """The body to send to vLLM: the client's bytes unless usage must be requested or an alias replaced.
+
+    The common streamed call (no alias, no ``stream_options``) keeps the client's bytes and gets the option
+    spliced in after the opening brace: no re-serialisation of what may be a long prompt."""
     body = parsed.body
+    if parsed.model == model_id and parsed.stream and not parsed.client_wants_usage and "stream_options" not in body:
+        start = len(raw) - len(raw.lstrip())
+        if raw[start : start + 1] == b"{":  # always, for a parsed object; checked so a surprise cannot corrupt it
+            return _WANT_USAGE + raw[start + 1 :]
     changed = False
     if parsed.model != model_id:
         body["model"] = model_id

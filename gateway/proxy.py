@@ -11,6 +11,7 @@ without ``[DONE]`` is reported the same way: never a silent end that a client wo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,13 +19,13 @@ from dataclasses import dataclass
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway.asgi import ClientWatch
+from gateway.asgi import ClientWatch, send_now
 from gateway.auth import Client
-from gateway.backends import Upstream, close_upstream, iter_body, read_body
+from gateway.backends import Upstream, close_upstream, read_body
 from gateway.config import ModelCard
 from gateway.cost import list_price_usd
 from gateway.errors import GatewayError, ShuttingDown, UpstreamStreamError
-from gateway.metrics import NO_BACKEND, NO_MODEL, Metrics
+from gateway.metrics import NO_BACKEND, NO_MODEL, Metrics, observe_all
 from gateway.protocol import Endpoint
 from gateway.streaming import SSEFramer, StreamObserver, Usage
 
@@ -56,7 +57,7 @@ class Recorder:
         self.on_pair: PairHook | None = None  # shadow mirroring stores the client's side of each pair
 
     def failed(self, ex: Exchange, status: int) -> None:
-        self.metrics.requests.labels(ex.model, ex.backend, ex.endpoint, str(status)).inc()
+        self.metrics.requests_of(ex.model, ex.backend, ex.endpoint, status).inc()
 
     def finished(
         self,
@@ -68,7 +69,7 @@ class Recorder:
         observer: StreamObserver | None = None,
     ) -> None:
         m = self.metrics
-        m.requests.labels(ex.model, ex.backend, ex.endpoint, str(status)).inc()
+        m.requests_of(ex.model, ex.backend, ex.endpoint, status).inc()
         if ex.pair_id is not None and self.on_pair is not None:
             self.on_pair(ex.pair_id, ex, status, e2e, usage, observer)
         if ex.client is not None and usage is not None:
@@ -77,12 +78,11 @@ class Recorder:
             return
         s = m.series(ex.model, ex.backend)
         if e2e is not None:
-            m.duration.labels(ex.model, ex.backend, ex.endpoint).observe(e2e)
+            m.duration_of(ex.model, ex.backend, ex.endpoint).observe(e2e)
         if observer is not None:
             if observer.ttft is not None:
                 s.ttft.observe(observer.ttft)
-            for gap in observer.gaps:
-                s.itl.observe(gap)
+            observe_all(s.itl, observer.gaps)
             if observer.tpot is not None:
                 s.tpot.observe(observer.tpot)
         if usage is not None:
@@ -128,6 +128,9 @@ class RelayResponse(Response):
         self.observer = StreamObserver(t0=ex.t0, keep_text=keep_text)
         self.settled: int | None = None
         self.watch = watch
+        self.framer = SSEFramer()
+        self._send: Send | None = None
+        self._sending: asyncio.Future[None] | None = None  # a send started by ``_inline`` that has not finished
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex, observer = self.ex, self.observer
@@ -150,6 +153,7 @@ class RelayResponse(Response):
                 disconnected, status_or_none = False, err.status
                 if self.settled is None:
                     self.settled = err.status
+                    await self._sent()
                     await send({"type": "http.response.body", "body": err.sse_event(), "more_body": False})
             if disconnected and self.settled is not None:
                 disconnected, status_or_none = False, self.settled
@@ -159,6 +163,11 @@ class RelayResponse(Response):
         except OSError:  # the client went away while we were sending
             status = CLIENT_CLOSED
         finally:
+            if self._sending is not None:  # the client is gone or the task was cancelled: nothing more to send
+                if not self._sending.done():
+                    self._sending.cancel()
+                elif not self._sending.cancelled():
+                    self._sending.exception()  # retrieved: its error is moot now
             self.watch.close()
             await close_upstream(self.upstream)
             self.upstream.release()
@@ -174,40 +183,89 @@ class RelayResponse(Response):
     async def _relay(self, send: Send) -> int:
         """Forward the stream; returns the status to record (200, or the in-band error's).
 
-        ``self.settled`` is set as soon as the client has the whole answer (or the error event): a disconnect
-        after that (clients often hang up on ``[DONE]``) does not make a delivered stream a 499."""
-        observer, strip = self.observer, self.strip_usage
-        framer = SSEFramer()
-        backend = self.ex.backend
+        Most token events go out from ``_inline``, as they arrive; this task forwards the rest in order. ``self.
+        settled`` is set as soon as the client has the whole answer (or the error event): a disconnect after that
+        (clients often hang up on ``[DONE]``) does not make a delivered stream a 499. The send that carries
+        ``[DONE]`` also ends the response (one write, not two); the rest of the upstream response (its
+        chunked-encoding end, normally in the same read) is then read so its connection can be reused."""
+        observer, strip, upstream, framer = self.observer, self.strip_usage, self.upstream, self.framer
+        response = upstream.response
+        self._send = send
+        response.inline = self._inline
         try:
-            async for data in iter_body(self.upstream):
+            while (data := await upstream.read()) is not None:
+                await self._sent()
                 out = []
-                for event in framer.feed(data):
-                    if observer.observe(event) and strip:
+                for raw in framer.feed_raw(data):
+                    if observer.observe_raw(raw) and strip:
                         continue
-                    out.append(event.raw)
-                if observer.done and self.settled is None:
+                    out.append(raw)
+                if observer.done:
+                    response.inline = None
                     if observer.error is not None:
-                        self.upstream.broke("stream_error")
+                        upstream.broke("stream_error")
                     self.settled = 200 if observer.error is None else 500
+                    await send({"type": "http.response.body", "body": b"".join(out), "more_body": False})
+                    return await self._finish_upstream()
                 if out:
                     await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+            response.inline = None
+            await self._sent()
             tail = framer.flush()
             if tail is not None:
                 observer.observe(tail)
-            if not observer.done:
-                raise UpstreamStreamError(f"backend {backend} ended the stream without [DONE]")
+            if observer.done:  # ``[DONE]`` without its blank line, at the very end
+                self.settled = 200 if observer.error is None else 500
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return self.settled
+            raise UpstreamStreamError(f"backend {self.ex.backend} ended the stream without [DONE]")
         except GatewayError as err:
             return await self._fail(send, err, err.upstream_reason)
         except ValueError as err:  # an event larger than the framer accepts
-            bad = UpstreamStreamError(f"backend {backend} sent a malformed stream: {err}")
+            bad = UpstreamStreamError(f"backend {self.ex.backend} sent a malformed stream: {err}")
             return await self._fail(send, bad, "bad_response")
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            response.inline = None
+
+    def _inline(self, data: bytes) -> bool:
+        """Bytes offered by the upstream connection while the relay task waits for them. One plain token event
+        (most of a stream) is observed and sent to the client right here, with no task switch in between. Anything
+        else (part of an event, several, usage, an error, ``[DONE]``) is left to the task, and so is everything
+        while an earlier send is unfinished. True when taken."""
+        if (
+            self._sending is not None
+            or self._send is None
+            or self.framer.pending
+            or not data.endswith(b"\n\n")
+            or data.count(b"\n") != 2
+            or not self.observer.observe_plain(data)
+        ):
+            return False
+        self._sending = send_now(self._send, {"type": "http.response.body", "body": data, "more_body": True})
+        return True
+
+    async def _sent(self) -> None:
+        """Wait for a send ``_inline`` started and could not finish (raising what it raised)."""
+        if self._sending is not None:
+            sending, self._sending = self._sending, None
+            await sending
+
+    async def _finish_upstream(self) -> int:
+        """After ``[DONE]`` went out: read what is left upstream (nothing but the end of the body, from vLLM). The
+        client already has its whole answer, so a failure now only counts against the backend."""
+        try:
+            while await self.upstream.read() is not None:
+                pass
+        except GatewayError as err:
+            if err.upstream_reason:
+                self.upstream.broke(err.upstream_reason)
         return self.settled or 200
 
     async def _fail(self, send: Send, err: GatewayError, reason: str | None) -> int:
         if reason:
             self.upstream.broke(reason)
+        self.upstream.response.inline = None
+        await self._sent()
         self.settled = err.status
         await send({"type": "http.response.body", "body": err.sse_event(), "more_body": False})
         return err.status

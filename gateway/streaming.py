@@ -20,9 +20,12 @@ from typing import Any
 
 _BOUNDARY = b"\n\n"
 # The fast path of StreamObserver.observe: chunks with usage or an error are parsed, every other one is scanned.
-_SLOW = re.compile(r'"(?:usage|error)"\s*:\s*[{"\[]|"object"\s*:\s*"error"')
-_TOKEN = re.compile(r'"(?:content|reasoning_content|reasoning|text)"\s*:\s*"(?!")|"tool_calls"\s*:\s*\[\s*\{')
-_FINISH = re.compile(r'"finish_reason"\s*:\s*"([^"\\]+)"')
+# They run on the event's bytes (no decoding): the keys are ASCII, and UTF-8 never puts an ASCII byte inside a
+# multi-byte character.
+_SLOW = re.compile(rb'"(?:usage|error)"\s*:\s*[{"\[]|"object"\s*:\s*"error"')
+_TOKEN = re.compile(rb'"(?:content|reasoning_content|reasoning|text)"\s*:\s*"(?!")|"tool_calls"\s*:\s*\[\s*\{')
+_FINISH = re.compile(rb'"finish_reason"\s*:\s*"([^"\\]+)"')
+_DONE = b"data: [DONE]\n\n"
 
 
 @dataclass(slots=True)
@@ -36,15 +39,24 @@ class SSEFramer:
         self._buf = b""
         self._max = max_event_bytes
 
+    @property
+    def pending(self) -> bool:
+        """Part of an event has been received and is waiting for the rest."""
+        return bool(self._buf)
+
     def feed(self, chunk: bytes) -> list[Event]:
+        return [_parse(raw) for raw in self.feed_raw(chunk)]
+
+    def feed_raw(self, chunk: bytes) -> list[bytes]:
+        """The complete events in the bytes received so far, each exactly as received (the relay's path)."""
         buf = self._buf + chunk if self._buf else chunk
-        events: list[Event] = []
+        events: list[bytes] = []
         if b"\r" not in buf:  # the common case (vLLM): LF only
             start = 0
             while (end := buf.find(_BOUNDARY, start)) != -1:
-                events.append(_parse(buf[start : end + 2]))
+                events.append(buf[start : end + 2])
                 start = end + 2
-            self._buf = buf[start:]
+            self._buf = buf[start:] if start else buf
         else:
             self._buf = self._feed_general(buf, events)
         if len(self._buf) > self._max:
@@ -59,7 +71,7 @@ class SSEFramer:
         return _parse(rest)
 
     @staticmethod
-    def _feed_general(buf: bytes, events: list[Event]) -> bytes:
+    def _feed_general(buf: bytes, events: list[bytes]) -> bytes:
         start = pos = 0
         n = len(buf)
         while pos < n:
@@ -69,7 +81,7 @@ class SSEFramer:
             line_end, after = nl
             if line_end == pos:  # a blank line ends the event
                 if pos > start:
-                    events.append(_parse(buf[start:after]))
+                    events.append(buf[start:after])
                 start = after
             pos = after
         return buf[start:]
@@ -160,6 +172,27 @@ class StreamObserver:
     finish_reason: str | None = None
     text: list[str] = field(default_factory=list)
 
+    def observe_raw(self, raw: bytes, now: float | None = None) -> bool:
+        """``observe`` for an event's bytes, as ``SSEFramer.feed_raw`` gives them (the relay's path)."""
+        if raw.endswith(b"\n\n") and raw.count(b"\n") == 2 and self.observe_plain(raw, now):
+            return False
+        if raw == _DONE:
+            self.done = True
+            return False
+        return self.observe(_parse(raw), now)
+
+    def observe_plain(self, line: bytes, now: float | None = None) -> bool:
+        """Record ``line`` (one ``data:`` line, its terminator aside) if it is a plain chunk: a JSON object with no
+        usage and no error, text not kept. Such a chunk is scanned, not decoded or parsed; keys can be matched
+        literally because a quote inside a JSON string is always escaped. False (nothing recorded) for any other."""
+        if self.keep_text or not line.startswith(b"data: {") or b"\r" in line or _SLOW.search(line) is not None:
+            return False
+        if _TOKEN.search(line) is not None:
+            self._token(time.perf_counter() if now is None else now)
+        if (finish := _FINISH.search(line)) is not None:
+            self.finish_reason = finish.group(1).decode("utf-8", "replace")
+        return True
+
     def observe(self, event: Event, now: float | None = None) -> bool:
         """Record one event. Returns True if it is the usage-only chunk (choices empty, usage present)."""
         data = event.data
@@ -167,14 +200,6 @@ class StreamObserver:
             return False
         if data == "[DONE]":
             self.done = True
-            return False
-        if not self.keep_text and _SLOW.search(data) is None:
-            # The common chunk (no usage, no error, text not kept): a scan of the JSON text instead of parsing it.
-            # Keys can be matched literally: a quote inside a JSON string is always escaped.
-            if _TOKEN.search(data) is not None:
-                self._token(time.perf_counter() if now is None else now)
-            if (finish := _FINISH.search(data)) is not None:
-                self.finish_reason = finish.group(1)
             return False
         try:
             obj = json.loads(data)

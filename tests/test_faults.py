@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway import asgi
 from gateway.app import create_app
 from gateway.emulator import EmulatorConfig, create_emulator_app
 from tests.backends import Die, Pause, Recorder
@@ -345,6 +346,35 @@ def test_disconnect_before_the_first_token_cancels_the_upstream_call() -> None:
         assert metric(text, "gateway_requests_total", model="m", status="499") == 1
         assert metric(text, "gateway_requests_in_flight", model="m") == 0
         assert errors(gw.url, "b") == {}  # the client left: not held against the backend
+
+
+def test_a_reader_slower_than_the_backend_gets_every_byte_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Token events are sent from the upstream connection's callback while the relay task waits. When the client
+    does not keep up, those sends must wait for its socket, later events queue behind them, and nothing is lost,
+    reordered or duplicated."""
+    waited: list[int] = []
+    send_now = asgi.send_now  # what gateway.proxy calls
+
+    def counting_send_now(send: Any, message: Any) -> Any:
+        pending = send_now(send, message)
+        if pending is not None:
+            waited.append(1)
+        return pending
+
+    monkeypatch.setattr("gateway.proxy.send_now", counting_send_now)
+    # 16 MB, more than the sockets buffer, one event a millisecond: the relay task is idle when each arrives, so
+    # the events are sent from the callback until the client's socket is full, then the task takes over.
+    script = [chunk(f"{i:05d}" + "x" * 8000) for i in range(2000)]
+    script += [chunk("end", "length"), USAGE, DONE]
+    backend = ThreadServer(Recorder(chunks=script, chunk_delay=0.001).app())
+    with backend as b, gateway(("b", b.url), timeouts={"stall": 30}) as gw:
+        with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=STREAM, timeout=60) as r:
+            time.sleep(1.5)  # the gateway's writes back up
+            received = b"".join(r.iter_raw())
+        assert received == b"".join(script)
+        assert waited, "no send ever had to wait: the slow path was not exercised"
+        text = httpx.get(f"{gw.url}/metrics").text
+        assert metric(text, "gateway_requests_total", model="m", status="200") == 1
 
 
 def test_a_slow_reader_does_not_slow_other_streams() -> None:

@@ -308,6 +308,9 @@ def test_upstream_body_is_always_sendable(data: st.DataObject) -> None:
     parsed = parse_or_reject(raw, endpoint)
     if parsed is None:
         return
+    same = json.loads(upstream_body(parse_request(raw, endpoint), raw, parsed.model))  # no alias: maybe spliced
+    usage = {"stream_options": {**(parsed.body.get("stream_options") or {}), "include_usage": True}}
+    assert same == ({**parsed.body, **usage} if parsed.stream and not parsed.client_wants_usage else parsed.body)
     body = json.loads(upstream_body(parsed, raw, "served/model-id"))
     assert body["model"] == "served/model-id"
     if parsed.stream:

@@ -3,7 +3,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, generate_latest
 
 from gateway.config import parse_settings
-from gateway.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, Metrics
+from gateway.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, Metrics, observe_all
 from tests.conftest import card
 from tests.servers import metric
 
@@ -17,6 +17,21 @@ def test_buckets_keep_vllm_boundaries() -> None:
     assert list(TTFT_BUCKETS) == VLLM_TTFT
     assert set(VLLM_ITL) <= set(ITL_BUCKETS) and min(ITL_BUCKETS) == 0.001
     assert list(E2E_BUCKETS) == VLLM_E2E
+
+
+def test_observe_all_equals_observing_one_value_at_a_time() -> None:
+    """The batched observe (a stream's ITL gaps at the end of the stream) leaves exactly what one ``observe`` per
+    value leaves: values on bucket bounds, between them, past the last one, and repeats."""
+    values = [0.0, 0.001, 0.0015, 0.01, 0.0100001, 0.02, 0.02, 0.02, 0.75, 79.9, 80.0, 1e6] + [0.021] * 30
+    one, batched = Metrics(CollectorRegistry()), Metrics(CollectorRegistry())
+    for value in values:
+        one.series("m", "b").itl.observe(value)
+    observe_all(batched.series("m", "b").itl, values)
+    observe_all(batched.series("m", "b").itl, [])
+    assert generate_latest(batched.registry) == generate_latest(one.registry)
+    assert metric(
+        generate_latest(batched.registry).decode(), "gateway_inter_token_latency_seconds_count", model="m"
+    ) == len(values)
 
 
 def test_label_sets_are_preinitialised_and_info_published() -> None:

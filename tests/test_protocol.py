@@ -57,6 +57,14 @@ def test_stream_without_usage_asks_for_it_and_keeps_other_options() -> None:
     assert sent["top_k"] == 3
 
 
+def test_stream_without_options_keeps_the_clients_bytes_after_the_added_option() -> None:
+    body = b' \n{"model":"m","messages":[{"role":"user","content":"caf\xc3\xa9 \\ud800"}],"stream":true, "top_k" : 3}'
+    parsed = parse_request(body, "chat")
+    sent = upstream_body(parsed, body, "m")
+    assert sent.endswith(body.lstrip()[1:])  # the prompt is not re-serialised (spacing and escapes kept)
+    assert json.loads(sent) == {**json.loads(body), "stream_options": {"include_usage": True}}
+
+
 def test_stream_with_usage_is_untouched() -> None:
     body = raw({**CHAT, "stream": True, "stream_options": {"include_usage": True}})
     parsed = parse_request(body, "chat")

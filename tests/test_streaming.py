@@ -140,10 +140,10 @@ SCAN_CASES = [
 
 @pytest.mark.parametrize("data", SCAN_CASES)
 def test_the_scan_agrees_with_parsing(data: str) -> None:
-    """The observer's fast path (a scan of the JSON text) decides exactly what parsing the chunk decides."""
+    """The observer's fast path (a scan of the event's bytes) decides exactly what parsing the chunk decides."""
     fast, parsed = StreamObserver(t0=0.0), StreamObserver(t0=0.0, keep_text=True)  # keep_text forces parsing
-    event = Event(raw=b"", data=data)
-    assert fast.observe(event, now=1.0) == parsed.observe(event, now=1.0)
+    raw = b"data: " + data.encode() + b"\n\n"
+    assert fast.observe_raw(raw, now=1.0) == parsed.observe(Event(raw=raw, data=data), now=1.0)
     assert (fast.first_token, fast.finish_reason, fast.usage) == (
         parsed.first_token,
         parsed.finish_reason,

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import random
 import re
 import time
-import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive
 
 from gateway.app import Gateway, error_response
 from gateway.asgi import ClientWatch
@@ -26,8 +28,28 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 
 
 def request_id_of(request: Request) -> str:
-    given = request.headers.get("x-request-id")
-    return given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
+    """The client's ``x-request-id`` when it is sane, else a new random one (unique enough to be vLLM's request id;
+    not a secret, so the cheap generator rather than ``uuid4``'s system call)."""
+    headers: list[tuple[bytes, bytes]] = request.scope["headers"]
+    for key, value in headers:
+        if key == b"x-request-id":
+            given = value.decode("latin-1")
+            if _REQUEST_ID.match(given):
+                return given
+            break
+    return f"{random.getrandbits(128):032x}"
+
+
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body (Starlette's ``Request.body`` does the same through two more layers)."""
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect
+        parts.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 # These two routes are served by ``app.FastPath`` (before FastAPI's router and dependency machinery, which cost more
@@ -74,7 +96,7 @@ async def proxy(gw: Gateway, request: Request, endpoint: Endpoint) -> Response:
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     ex = Exchange(request_id_of(request), endpoint, request.scope.get("gateway.t0") or time.perf_counter())
     try:
-        raw = await request.body()
+        raw = await read_body(request.receive)
         parsed = parse_request(raw, endpoint)
         model = gw.pool.table.resolve(parsed.model)
         if model is None:
