@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import types
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -19,7 +20,7 @@ def send_now(send: Send, message: Message) -> asyncio.Future[None] | None:
     of it (the client's socket buffer was full, say), or a future holding the exception it raised. The caller
     awaits that before its next send, so messages keep their order."""
     coro = send(message)
-    if not isinstance(coro, Coroutine):
+    if type(coro) is not types.CoroutineType:  # some other awaitable (not uvicorn's): just run it as a task
         return asyncio.ensure_future(coro)
     try:
         waiting = coro.send(None)

@@ -301,6 +301,8 @@ class PhaseResult:
     cpu_s: dict[str, float] = field(default_factory=dict)  # per watched group, over the window
     cpu_busy: dict[str, float] = field(default_factory=dict)  # cpu_s / window, 1.0 = one core
     rss_max_kb: dict[str, int] = field(default_factory=dict)
+    rss_first_kb: dict[str, int] = field(default_factory=dict)  # the window's first and last RSS samples
+    rss_last_kb: dict[str, int] = field(default_factory=dict)
     client_cpu_s: float = 0.0
 
 
@@ -415,6 +417,8 @@ async def run_phase(args: argparse.Namespace) -> PhaseResult:
     warmed_at_open: list[int] = []
     cpu_marks: list[tuple[float, dict[str, float], float]] = []
     rss_max: dict[str, int] = {name: 0 for name in groups}
+    rss_first: dict[str, int] = {}
+    rss_last: dict[str, int] = {}
 
     def mark() -> None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -439,7 +443,10 @@ async def run_phase(args: argparse.Namespace) -> PhaseResult:
         rec.window = (cpu_marks[0][0], t_end)
         while (now := time.perf_counter()) < t_end:
             for name, pids in groups.items():
-                rss_max[name] = max(rss_max[name], sum(rss_kb(p) for p in pids))
+                rss = sum(rss_kb(p) for p in pids)
+                rss_max[name] = max(rss_max[name], rss)
+                rss_first.setdefault(name, rss)
+                rss_last[name] = rss
             await asyncio.sleep(min(0.25, t_end - now))
         mark()
         rec.window = (cpu_marks[0][0], cpu_marks[1][0])
@@ -520,6 +527,7 @@ async def run_phase(args: argparse.Namespace) -> PhaseResult:
     result.cpu_s = {name: cpu1[name] - cpu0[name] for name in groups}
     result.cpu_busy = {name: value / window for name, value in result.cpu_s.items()}
     result.rss_max_kb = rss_max
+    result.rss_first_kb, result.rss_last_kb = rss_first, rss_last
     result.client_cpu_s = own1 - own0
     return result
 

@@ -101,6 +101,11 @@ def summarize(point: Point, rounds: dict[str, list[dict[str, Any] | None]]) -> d
         for key in ("errors", "sent"):
             summary[key] = float(sum(v for v in fig.get(key, []) if math.isfinite(v)))
         summary["rss_mb"] = max((v for v in fig.get("rss_mb", []) if math.isfinite(v)), default=math.nan)
+        # Memory over the whole point (same process through every round): first sample -> last sample.
+        measured = [p for p in phases if p is not None]
+        if measured:
+            summary["rss_start_mb"] = _get(measured[0], "rss_first_kb", "proxy") / 1024
+            summary["rss_end_mb"] = _get(measured[-1], "rss_last_kb", "proxy") / 1024
         summary["rounds"] = float(sum(1 for p in phases if p is not None))
         out[target] = summary
     return out
@@ -221,6 +226,13 @@ def point_table(point: Point, entry: dict[str, Any]) -> list[str]:
                 f"Direct: latency p50 {_f(d.get('latency_ms_p50'), 2)} ms, p99 {_f(d.get('latency_ms_p99'), 2)} ms; "
                 f"backend + load generator core busy {_pct(d.get('load_core_busy'))}.",
             ]
+    memory = [
+        f"{t} {_f(s.get('rss_start_mb'), 1)} → {_f(s.get('rss_end_mb'), 1)} MB"
+        for t, s in summary.items()
+        if t != "direct" and math.isfinite(_num(s.get("rss_start_mb"))) and math.isfinite(_num(s.get("rss_end_mb")))
+    ]
+    if memory:
+        lines += ["", f"Proxy RSS, first sample of round 1 → last sample of the last round: {'; '.join(memory)}."]
     idle = [s.get("idle_peers_busy") for t, s in summary.items()]
     idle_max = max((v for v in idle if v is not None and math.isfinite(v)), default=math.nan)
     if math.isfinite(idle_max):

@@ -50,6 +50,7 @@ def test_smoke_run_direct_and_gateway(tmp_path: Path) -> None:
     assert math.isfinite(gateway["added_chunk_delay_ms_p50"])
     assert gateway["cpu_us_per_chunk"] > 0 and gateway["cpu_us_per_request"] > gateway["cpu_us_per_chunk"]
     assert gateway["rss_mb"] > 10
+    assert 10 < gateway["rss_start_mb"] <= gateway["rss_mb"] and 10 < gateway["rss_end_mb"] <= gateway["rss_mb"]
     assert stream["ratios"]["gateway"]["direct"]["rate"] > 0
 
     plain = points["plain"]["summary"]
@@ -184,6 +185,8 @@ def phase(rate: float, ttft: float, cpu: float = 0.0, chunks: int = 3200, comple
         "cpu_s": {"proxy": cpu, "backend": 0.3, "peers": 0.0},
         "cpu_busy": {"proxy": cpu, "backend": 0.3, "peers": 0.0},
         "rss_max_kb": {"proxy": 51200, "backend": 60000},
+        "rss_first_kb": {"proxy": 40960 + int(rate), "backend": 60000},
+        "rss_last_kb": {"proxy": 51200 + int(rate), "backend": 60000},
     }
 
 
@@ -202,6 +205,8 @@ def test_summary_pairs_rounds_with_direct_and_takes_medians() -> None:
     assert nginx["cpu_us_per_chunk"] == pytest.approx(10.0)  # median of 10, 10, 20 µs
     assert nginx["cpu_us_per_request"] == pytest.approx(320.0)
     assert nginx["rss_mb"] == 50 and nginx["sent"] == 300 and nginx["rounds"] == 3
+    # memory over the point: round 1's first sample to the last round's last sample
+    assert (nginx["rss_start_mb"], nginx["rss_end_mb"]) == ((40960 + 150) / 1024, (51200 + 150) / 1024)
     table = report.ratios(summary, "cpu_us_per_chunk")
     assert table["nginx"]["direct"]["rate"] == pytest.approx(150 / 150)
     assert math.isnan(table["nginx"]["direct"]["cpu_us_per_chunk"])  # direct has no proxy CPU
@@ -235,6 +240,7 @@ def test_markdown_has_a_row_for_a_peer_that_is_not_available() -> None:
     assert rows[0].count("|") == header.count("|")
     gateway = next(line for line in text.splitlines() if line.startswith("| gateway | +0.30 |"))
     assert "| 31.2 |" in gateway  # CPU µs per chunk: 0.1 s / 3,200 chunks
+    assert "last sample of the last round: gateway 40.1 → 50.1 MB." in text
     assert entry["note"] is None  # direct held the nominal schedule (100 / 0.62 s = 161 streams/s, within 10%)
     slow = report.keep_up_note(POINT, {"rate": 50.0, "chunk_delay_ms_p50": 80.0, "load_core_busy": 1.0})
     assert slow is not None and "could not keep up" in slow
