@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -70,6 +72,7 @@ class Backend:
         self.breaker = breaker
         self.healthy: bool | None = None  # None: not checked yet
         self.failed_checks = 0  # health checks failed in a row
+        self.answered_at = -math.inf  # time.monotonic() of its last good answer to a real request
         self.in_flight = 0
 
     def has_slot(self) -> bool:
@@ -159,14 +162,22 @@ class BackendPool:
         """One active health check. A backend goes out after ``unhealthy_threshold`` failed checks in a row (a
         busy server answering one check late is not down), and back in after one good check. The first check
         decides at once, so /ready is right from the start. A refused connection on a real request takes it out
-        at once (see ``open``)."""
+        at once (see ``open``); a check that times out while real requests are being answered does not count."""
+        g = self.settings.gateway
         try:
-            r = await backend.client.get("/health", timeout=self.settings.gateway.health_check_timeout_s)
+            r = await backend.client.get("/health", timeout=g.health_check_timeout_s)
             ok = r.status_code == 200
+        except httpx.TimeoutException:
+            # Passive health: a check that times out while the backend keeps answering real requests means it is
+            # busy (a saturated server answers /health late), not down: inconclusive, not a failure.
+            if time.monotonic() - backend.answered_at < g.health_check_interval_s + g.health_check_timeout_s:
+                log.debug("backend %s: health check timed out, but it is answering requests", backend.name)
+                return backend.healthy is True
+            ok = False
         except httpx.HTTPError:
             ok = False
         backend.failed_checks = 0 if ok else backend.failed_checks + 1
-        if ok or backend.healthy is None or backend.failed_checks >= self.settings.gateway.unhealthy_threshold:
+        if ok or backend.healthy is None or backend.failed_checks >= g.unhealthy_threshold:
             self._set_health(backend, ok)
         return ok
 
@@ -221,6 +232,7 @@ class BackendPool:
         self.metrics.circuit_state.labels(backend.name).set(backend.breaker.state)
 
     def succeeded(self, backend: Backend) -> None:
+        backend.answered_at = time.monotonic()
         if backend.breaker.success():
             log.info("backend %s is back in rotation (probe succeeded)", backend.name)
         self.metrics.circuit_state.labels(backend.name).set(backend.breaker.state)

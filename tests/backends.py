@@ -27,6 +27,7 @@ class Recorder:
     chunks: Sequence[bytes | Pause | Die] = field(default_factory=list)
     chunk_delay: float = 0.0
     delay: float = 0.0
+    health_delay: float = 0.0  # seconds before /health answers (read per check: a test may change it)
     received: list[tuple[bytes, dict[str, str]]] = field(default_factory=list)
 
     def app(self) -> Starlette:
@@ -39,6 +40,8 @@ class Recorder:
             return Response(self.body, status_code=self.status, media_type=self.content_type)
 
         async def health(request: Request) -> Response:
+            if self.health_delay:
+                await asyncio.sleep(self.health_delay)
             return Response(status_code=200)
 
         return Starlette(

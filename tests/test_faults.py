@@ -211,6 +211,24 @@ def test_awkward_but_valid_sse_passes_through_byte_for_byte() -> None:
         assert errors(gw.url, "b") == {}
 
 
+def test_slow_health_checks_do_not_take_out_a_backend_that_answers_requests() -> None:
+    """Passive health: a saturated server answers /health late. Checks that time out while real requests are being
+    answered are inconclusive; once the traffic stops, the same timeouts take the backend out."""
+    rec = Recorder()
+    with ThreadServer(rec.app()) as b, gateway(("b", b.url), health_check_timeout_s=0.1, unhealthy_threshold=2) as gw:
+        rec.health_delay = 1.0  # every check from now on times out
+        end = time.monotonic() + 1.5  # about 7 checks, at 0.2 s intervals
+        while time.monotonic() < end:
+            assert httpx.post(f"{gw.url}/v1/chat/completions", json=PLAIN).status_code == 200
+            time.sleep(0.05)
+        assert metric(httpx.get(f"{gw.url}/metrics").text, "gateway_backend_up", backend="b") == 1
+        deadline = time.monotonic() + 5
+        while metric(httpx.get(f"{gw.url}/metrics").text, "gateway_backend_up", backend="b") == 1:
+            assert time.monotonic() < deadline, "a backend whose checks time out, with no traffic, stayed up"
+            time.sleep(0.1)
+        assert httpx.post(f"{gw.url}/v1/chat/completions", json=PLAIN).status_code == 503
+
+
 # -- outlier ejection, retry budget ------------------------------------------------------------------------------
 def test_circuit_breaker_ejects_then_probes_half_open() -> None:
     flaky = Recorder(status=500, body=b'{"error":{"message":"boom","code":500}}')
