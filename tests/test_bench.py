@@ -67,10 +67,11 @@ def test_smoke_run_direct_and_gateway(tmp_path: Path) -> None:
 
 def test_overhead_guard(tmp_path: Path) -> None:
     """The CI check on the gateway's overhead (issue #8): one interleaved run, direct vs gateway, at the issue's
-    100-stream point. Bounds are about 2.5x the figures measured on this 2-core machine (README's table: ~60 µs of
-    CPU per chunk, ~215 µs per non-streaming request) so that noise passes and a real regression (the old httpx
-    pool: ~5x; JSON parsing per chunk: ~1.3x more) does not. CPU per unit of work is far steadier on a shared
-    machine than latency, so the latency bound is loose."""
+    100-stream point. Bounds are about 2.2x the figures measured on this 2-core machine (README's table: ~37 µs of
+    CPU per chunk, ~185 µs per non-streaming request) so that noise (up to ~1.3x between runs here) passes and a
+    large regression (the old httpx pool: ~5x) does not; a small one (the task switch per chunk that the inline
+    relay removed: ~1.25x) needs the benchmark itself. CPU per unit of work is far steadier on a shared machine
+    than latency, so the latency bound is loose."""
     out = tmp_path / "guard"
     env = {**os.environ, "BENCH_DIR": str(tmp_path / "no-peers")}
     cmd = [sys.executable, "-m", "loadtests.bench", "--targets", "direct,gateway", "--rounds", "2", "--pause", "0"]
@@ -83,8 +84,8 @@ def test_overhead_guard(tmp_path: Path) -> None:
     gateway = stream["gateway"]
     assert gateway["errors"] == 0 and plain["gateway"]["errors"] == 0
     assert gateway["rate"] >= 0.95 * stream["direct"]["rate"], r.stdout  # keeps up with direct
-    assert gateway["cpu_us_per_chunk"] <= 150, r.stdout
-    assert plain["gateway"]["cpu_us_per_request"] <= 600, r.stdout
+    assert gateway["cpu_us_per_chunk"] <= 80, r.stdout
+    assert plain["gateway"]["cpu_us_per_request"] <= 400, r.stdout
     assert gateway["added_ttft_ms_p50"] <= 5, r.stdout
 
 
