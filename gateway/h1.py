@@ -105,8 +105,7 @@ class _Connection(asyncio.Protocol):
         response = self.response
         if response is None:
             return
-        if response.inline is not None and not response.buffer and response.waiting() and response.inline(body):
-            response._wait_started = response.loop.time()  # bytes arrived: the silence being timed starts again
+        if response.inline is not None and response.offer(body):
             return
         response.buffer.append(body)
         response.buffered += len(body)
@@ -199,9 +198,14 @@ class Response:
             self.conn.transport.resume_reading()
         return data
 
-    def waiting(self) -> bool:
-        """A reader is blocked in ``next_chunk`` (and not yet woken)."""
-        return self._waiter is not None and not self._waiter.done()
+    def offer(self, body: bytes) -> bool:
+        """Hand ``body`` to ``inline`` if the reader is blocked in ``next_chunk`` with nothing buffered before it
+        (so order is kept); True if it took the bytes."""
+        waiter = self._waiter
+        if self.inline is None or self.buffer or waiter is None or waiter.done() or not self.inline(body):
+            return False
+        self._wait_started = self.loop.time()  # bytes arrived: the silence being timed starts again
+        return True
 
     def _arm(self, loop: asyncio.AbstractEventLoop, within: float) -> None:
         """One watchdog timer per response, re-armed only when it fires: a wait that started at ``t`` times out at

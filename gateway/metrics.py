@@ -18,6 +18,7 @@ import os
 from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
@@ -55,6 +56,9 @@ class Series:
     cost_list_price: Counter
 
 
+M = TypeVar("M", Counter, Histogram)
+
+
 def observe_all(histogram: Histogram, values: Sequence[float]) -> None:
     """``histogram.observe(v)`` for every value, with one increment per bucket touched instead of per value (a
     stream's inter-token gaps land in a few buckets). It works on prometheus-client's histogram internals
@@ -69,6 +73,14 @@ def observe_all(histogram: Histogram, values: Sequence[float]) -> None:
     for bucket, n in zip(histogram._buckets, counts, strict=True):
         if n:
             bucket.inc(n)
+
+
+def _child(cache: dict[tuple[str, ...], M], metric: M, *labels: str) -> M:
+    """``metric.labels(*labels)``, resolved once per label set (a label lookup costs more than the increment)."""
+    child = cache.get(labels)
+    if child is None:
+        child = cache[labels] = metric.labels(*labels)
+    return child
 
 
 def multiprocess() -> bool:
@@ -199,23 +211,14 @@ class Metrics:
             registry=registry,
         )  # fmt: skip
         self._series: dict[tuple[str, str], Series] = {}
-        self._requests: dict[tuple[str, str, str, int], Counter] = {}
-        self._durations: dict[tuple[str, str, str], Histogram] = {}
+        self._requests: dict[tuple[str, ...], Counter] = {}
+        self._durations: dict[tuple[str, ...], Histogram] = {}
 
     def requests_of(self, model: str, backend: str, endpoint: str, status: int) -> Counter:
-        """``requests.labels(...)``, resolved once per label set (label lookups cost more than the increment)."""
-        key = (model, backend, endpoint, status)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._requests[key] = self.requests.labels(model, backend, endpoint, str(status))
-        return child
+        return _child(self._requests, self.requests, model, backend, endpoint, str(status))
 
     def duration_of(self, model: str, backend: str, endpoint: str) -> Histogram:
-        key = (model, backend, endpoint)
-        child = self._durations.get(key)
-        if child is None:
-            child = self._durations[key] = self.duration.labels(model, backend, endpoint)
-        return child
+        return _child(self._durations, self.duration, model, backend, endpoint)
 
     def series(self, model: str, backend: str) -> Series:
         key = (model, backend)

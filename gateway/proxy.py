@@ -192,8 +192,8 @@ class RelayResponse(Response):
         Most token events go out from ``_inline``, as they arrive; this task forwards the rest in order. ``self.
         settled`` is set as soon as the client has the whole answer (or the error event): a disconnect after that
         (clients often hang up on ``[DONE]``) does not make a delivered stream a 499. The send that carries
-        ``[DONE]`` also ends the response (one write, not two); the rest of the upstream response (its
-        chunked-encoding end, normally in the same read) is then read so its connection can be reused."""
+        ``[DONE]`` also ends the response (one write, not two: ``_end``). ``_inline`` is only offered bytes while
+        this task waits in ``upstream.read``, so it cannot send in between the task's own sends."""
         observer, strip, upstream, framer = self.observer, self.strip_usage, self.upstream, self.framer
         response = upstream.response
         self._send = send
@@ -207,23 +207,15 @@ class RelayResponse(Response):
                         continue
                     out.append(raw)
                 if observer.done:
-                    response.inline = None
-                    if observer.error is not None:
-                        upstream.broke("stream_error")
-                    self.settled = 200 if observer.error is None else 500
-                    await send({"type": "http.response.body", "body": b"".join(out), "more_body": False})
-                    return await self._finish_upstream()
+                    return await self._end(send, b"".join(out))
                 if out:
                     await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
-            response.inline = None
             await self._sent()
             tail = framer.flush()
             if tail is not None:
                 observer.observe(tail)
             if observer.done:  # ``[DONE]`` without its blank line, at the very end
-                self.settled = 200 if observer.error is None else 500
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-                return self.settled
+                return await self._end(send, b"")
             raise UpstreamStreamError(f"backend {self.ex.backend} ended the stream without [DONE]")
         except GatewayError as err:
             return await self._fail(send, err, err.upstream_reason)
@@ -242,8 +234,6 @@ class RelayResponse(Response):
             self._sending is not None
             or self._send is None
             or self.framer.pending
-            or not data.endswith(b"\n\n")
-            or data.count(b"\n") != 2
             or not self.observer.observe_plain(data)
         ):
             return False
@@ -256,21 +246,27 @@ class RelayResponse(Response):
             sending, self._sending = self._sending, None
             await sending
 
-    async def _finish_upstream(self) -> int:
-        """After ``[DONE]`` went out: read what is left upstream (nothing but the end of the body, from vLLM). The
-        client already has its whole answer, so a failure now only counts against the backend."""
+    async def _end(self, send: Send, last: bytes) -> int:
+        """``[DONE]`` has arrived: send the rest with the end of the response, then read what is left upstream
+        (nothing but the end of the body, from vLLM) so its connection can be reused. The client already has its
+        whole answer, so a failure now only counts against the backend."""
+        upstream, error = self.upstream, self.observer.error
+        upstream.response.inline = None  # the reads below are the task's own
+        if error is not None:
+            upstream.broke("stream_error")
+        self.settled = 200 if error is None else 500
+        await send({"type": "http.response.body", "body": last, "more_body": False})
         try:
-            while await self.upstream.read() is not None:
+            while await upstream.read() is not None:
                 pass
         except GatewayError as err:
             if err.upstream_reason:
-                self.upstream.broke(err.upstream_reason)
-        return self.settled or 200
+                upstream.broke(err.upstream_reason)
+        return self.settled
 
     async def _fail(self, send: Send, err: GatewayError, reason: str | None) -> int:
         if reason:
             self.upstream.broke(reason)
-        self.upstream.response.inline = None
         await self._sent()
         self.settled = err.status
         await send({"type": "http.response.body", "body": err.sse_event(), "more_body": False})

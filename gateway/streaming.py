@@ -174,22 +174,30 @@ class StreamObserver:
 
     def observe_raw(self, raw: bytes, now: float | None = None) -> bool:
         """``observe`` for an event's bytes, as ``SSEFramer.feed_raw`` gives them (the relay's path)."""
-        if raw.endswith(b"\n\n") and raw.count(b"\n") == 2 and self.observe_plain(raw, now):
+        if self.observe_plain(raw, now):
             return False
         if raw == _DONE:
             self.done = True
             return False
         return self.observe(_parse(raw), now)
 
-    def observe_plain(self, line: bytes, now: float | None = None) -> bool:
-        """Record ``line`` (one ``data:`` line, its terminator aside) if it is a plain chunk: a JSON object with no
-        usage and no error, text not kept. Such a chunk is scanned, not decoded or parsed; keys can be matched
-        literally because a quote inside a JSON string is always escaped. False (nothing recorded) for any other."""
-        if self.keep_text or not line.startswith(b"data: {") or b"\r" in line or _SLOW.search(line) is not None:
+    def observe_plain(self, raw: bytes, now: float | None = None) -> bool:
+        """Record the event ``raw`` if it is a plain chunk: one ``data:`` line (LF-terminated, then the blank line)
+        holding a JSON object with no usage and no error, text not kept. Such a chunk is scanned, not decoded or
+        parsed; keys can be matched literally because a quote inside a JSON string is always escaped. False
+        (nothing recorded) for anything else, including bytes that are not exactly one event."""
+        if (
+            self.keep_text
+            or not raw.startswith(b"data: {")
+            or not raw.endswith(b"\n\n")
+            or raw.count(b"\n") != 2
+            or b"\r" in raw
+            or _SLOW.search(raw) is not None
+        ):
             return False
-        if _TOKEN.search(line) is not None:
+        if _TOKEN.search(raw) is not None:
             self._token(time.perf_counter() if now is None else now)
-        if (finish := _FINISH.search(line)) is not None:
+        if (finish := _FINISH.search(raw)) is not None:
             self.finish_reason = finish.group(1).decode("utf-8", "replace")
         return True
 

@@ -10,11 +10,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.requests import ClientDisconnect
-from starlette.types import Receive
 
 from gateway.app import Gateway, error_response
-from gateway.asgi import ClientWatch
+from gateway.asgi import ClientWatch, receive_body
 from gateway.auth import Client
 from gateway.backends import Upstream
 from gateway.errors import GatewayError, ModelNotFound, UpstreamBadResponse, status_reason
@@ -38,18 +36,6 @@ def request_id_of(request: Request) -> str:
                 return given
             break
     return f"{random.getrandbits(128):032x}"
-
-
-async def read_body(receive: Receive) -> bytes:
-    """The whole request body (Starlette's ``Request.body`` does the same through two more layers)."""
-    parts = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect
-        parts.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 # These two routes are served by ``app.FastPath`` (before FastAPI's router and dependency machinery, which cost more
@@ -96,7 +82,7 @@ async def proxy(gw: Gateway, request: Request, endpoint: Endpoint) -> Response:
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     ex = Exchange(request_id_of(request), endpoint, request.scope.get("gateway.t0") or time.perf_counter())
     try:
-        raw = await read_body(request.receive)
+        raw = await receive_body(request.receive)
         parsed = parse_request(raw, endpoint)
         model = gw.pool.table.resolve(parsed.model)
         if model is None:
