@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,22 +116,42 @@ class SlamServer:
         self._sock.close()
 
 
+@dataclass
+class TeeConn:
+    """One connection through a :class:`TeeProxy`: what each side sent, and when the client side closed."""
+
+    opened: float  # time.monotonic()
+    request: bytearray = field(default_factory=bytearray)  # what the client (the gateway) sent
+    response: bytearray = field(default_factory=bytearray)  # what the server sent back
+    client_closed: float | None = None  # time.monotonic() when the client's side reached EOF or broke
+
+
 class TeeProxy:
-    """A TCP proxy in front of a real server that keeps every byte the server sent back, per connection, so a
-    test can compare what a client received through the gateway with what the backend really sent."""
+    """A TCP proxy in front of a real server that keeps every byte both sides sent, per connection, and the time
+    the client closed its side, so a test can compare what a client received through the gateway with what the
+    backend really sent, and see when the gateway let go of an upstream connection. Between ``hold()`` and
+    ``release()`` the server's bytes are kept back from the client (the server still runs: a way to stop time
+    before the first byte)."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.received: list[bytearray] = []  # per connection: the server's bytes, in order
+        self.conns: list[TeeConn] = []
+        self._flowing = asyncio.Event()
         self._writers: list[asyncio.StreamWriter] = []
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    @property
+    def received(self) -> list[bytearray]:
+        """Per connection: the server's bytes, in order."""
+        return [c.response for c in self.conns]
+
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
+        self._flowing.set()
         self._server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", self.port))
         self._ready.set()
         self._loop.run_forever()
@@ -144,24 +165,57 @@ class TeeProxy:
         self._loop.close()
 
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        conn = TeeConn(time.monotonic())
+        self.conns.append(conn)
+        gone = asyncio.Event()
         server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)
         self._writers += [client_w, server_w]
-        record = bytearray()
-        self.received.append(record)
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, keep: bytearray | None) -> None:
+        async def upward() -> None:
             try:
-                while data := await src.read(65536):
-                    if keep is not None:
-                        keep += data
-                    dst.write(data)
-                    await dst.drain()
+                while data := await client_r.read(65536):
+                    conn.request += data
+                    server_w.write(data)
+                    await server_w.drain()
             except (ConnectionError, OSError):
                 pass
             finally:
-                dst.close()
+                conn.client_closed = time.monotonic()
+                gone.set()
+                server_w.close()  # the server sees the client leave, as it would without the tee
+                client_w.close()
 
-        await asyncio.gather(pipe(client_r, server_w, None), pipe(server_r, client_w, record))
+        async def downward() -> None:
+            try:
+                while data := await server_r.read(65536):
+                    conn.response += data
+                    if not self._flowing.is_set():
+                        waits = [asyncio.ensure_future(self._flowing.wait()), asyncio.ensure_future(gone.wait())]
+                        _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                        for task in pending:
+                            task.cancel()
+                    if conn.client_closed is not None:
+                        continue  # nobody to give it to: keep reading so the server is not blocked
+                    client_w.write(data)
+                    await client_w.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                client_w.close()
+
+        await asyncio.gather(upward(), downward())
+
+    def hold(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._set_flowing(False), self._loop).result(5)
+
+    def release(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._set_flowing(True), self._loop).result(5)
+
+    async def _set_flowing(self, flowing: bool) -> None:
+        if flowing:
+            self._flowing.set()
+        else:
+            self._flowing.clear()
 
     def __enter__(self) -> TeeProxy:
         self._thread.start()

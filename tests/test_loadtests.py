@@ -120,8 +120,9 @@ def test_open_loop_run_stats_and_gateway_agreement(gateway: str, tmp_path: Path)
         print(agreement.line())
         assert agreement.client_tokens == agreement.gateway_tokens > 0
         assert agreement.client_requests == agreement.gateway_ttft_count
-        # the client's clock starts before the request reaches the gateway: its TTFT is a few ms longer
-        assert 0 <= agreement.client_ttft_mean_s - agreement.gateway_ttft_mean_s <= 0.015
+        # the client's clock starts before the request reaches the gateway: its TTFT is a few ms longer (tens on a
+        # busy machine: the bound is for that, not a target)
+        assert 0 <= agreement.client_ttft_mean_s - agreement.gateway_ttft_mean_s <= 0.040
         assert agreement.client_tpot_mean_s == pytest.approx(agreement.gateway_tpot_mean_s, abs=0.001)
 
 

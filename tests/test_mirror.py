@@ -110,11 +110,16 @@ def client_ttfts(url: str, n: int) -> list[float]:
 
 
 def test_client_ttft_with_mirroring_is_within_noise_of_without() -> None:
-    """Measured: 20 streamed calls each way (TTFT 40 ms upstream); medians within 5 ms."""
-    with mirrored(None) as (url, _):
-        client_ttfts(url, 3)
-        off = statistics.median(client_ttfts(url, 20))
-    with mirrored({"to": ["shadow"], "fraction": 1.0}) as (url, _):
-        client_ttfts(url, 3)
-        on = statistics.median(client_ttfts(url, 20))
-    assert abs(on - off) < 0.005, (on, off)
+    """20 streamed calls each way (TTFT 40 ms upstream), alternating between a gateway that mirrors every call
+    and one that does not, so that the machine's load weighs on both alike. Medians measured within 1-2 ms here;
+    the bound leaves room for a busy machine. A mirror that delayed the client would cost it the shadow's whole
+    answer at least (test_mirror_concurrency_is_bounded_and_sampling_respected covers a slow shadow)."""
+    with mirrored(None) as (plain, _), mirrored({"to": ["shadow"], "fraction": 1.0}) as (shadowed, _):
+        client_ttfts(plain, 3)
+        client_ttfts(shadowed, 3)
+        off: list[float] = []
+        on: list[float] = []
+        for _ in range(10):
+            off += client_ttfts(plain, 2)
+            on += client_ttfts(shadowed, 2)
+    assert abs(statistics.median(on) - statistics.median(off)) < 0.015, (on, off)

@@ -7,7 +7,9 @@ The servers are started once per test session (about a minute; see tests/vllm_fa
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from gateway import stack, vllm_cpu
 from gateway.app import create_app
 from gateway.config import Settings, load_settings
 from gateway.supervisor import Supervisor, free_port
-from tests.backends import TeeProxy
+from tests.backends import TeeConn, TeeProxy
 from tests.conftest import card, settings_for
 from tests.servers import ThreadServer, metric
 
@@ -149,16 +151,33 @@ def test_vllm_error_bodies_pass_through(vllm: VllmStack, body: dict[str, object]
     assert set(via_gateway.json()["error"]) >= {"message", "type", "code"}
 
 
+def first_token_s(url: str, body: dict[str, object]) -> float:
+    """The client's TTFT: from just before sending to the first event with visible text."""
+    t0 = time.perf_counter()
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        first = None
+        for line in response.iter_lines():
+            if first is None and line.startswith("data: {"):
+                choices = json.loads(line[6:]).get("choices") or [{}]
+                if choices[0].get("delta", {}).get("content"):
+                    first = time.perf_counter() - t0
+    assert first is not None, "no token"
+    return first
+
+
 def test_gateway_ttft_and_tokens_agree_with_vllms_own(vllm: VllmStack) -> None:
-    """Tokens must match exactly. TTFT: the gateway's clock starts earlier (before vLLM tokenizes) so its mean is
-    larger, by the network hop plus both servers' overhead: we allow 0 to 50 ms on this shared 2-core machine."""
+    """Tokens must match exactly. TTFT is bounded on both sides by causality, whatever the machine's load: the
+    gateway's clock starts after the client sent and before vLLM saw the request, and it stops after vLLM made the
+    first token and before the client had it. So vLLM's mean <= the gateway's mean <= the client's mean."""
     model = "tiny-deepseek"
     labels = {"model": model, "backend": vllm.backend_of(model)}
     before_gw, before_vllm = scrape(vllm.url), scrape(vllm.direct[model])
+    client = []
     for i in range(6):
         body = {"model": model, "messages": [{"role": "user", "content": f"Question {i}: why?"}], "max_tokens": 8,
                 "stream": True}  # fmt: skip
-        assert httpx.post(f"{vllm.url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+        client.append(first_token_s(vllm.url, body))
     after_gw, after_vllm = scrape(vllm.url), scrape(vllm.direct[model])
 
     def gw(name: str) -> float:
@@ -172,50 +191,163 @@ def test_gateway_ttft_and_tokens_agree_with_vllms_own(vllm: VllmStack) -> None:
     assert gw("gateway_time_to_first_token_seconds_count") == vl("vllm:time_to_first_token_seconds_count") == 6
     gw_ttft = gw("gateway_time_to_first_token_seconds_sum") / 6
     vllm_ttft = vl("vllm:time_to_first_token_seconds_sum") / 6
-    assert 0 <= gw_ttft - vllm_ttft <= 0.050, (gw_ttft, vllm_ttft)
+    client_ttft = sum(client) / 6
+    print(f"TTFT means: vLLM {vllm_ttft * 1000:.1f} ms, gateway {gw_ttft * 1000:.1f}, client {client_ttft * 1000:.1f}")
+    assert vllm_ttft <= gw_ttft <= client_ttft, (vllm_ttft, gw_ttft, client_ttft)
 
 
-def test_client_disconnect_mid_stream_makes_vllm_abort(vllm: VllmStack) -> None:
-    """vLLM 0.32 counts an abort nowhere (not in request_success_total, not in its log: tests/vllm_facts.md), so
-    the proof is that it stops: no request running within a second, and far fewer tokens made than asked."""
+# -- a client that leaves ----------------------------------------------------------------------------------------
+# What the gateway controls is that it lets go of the upstream connection at once when its client leaves: that is
+# what tells vLLM to abort. Whether vLLM then stops in time is vLLM's business, and on 2 busy cores it sometimes does
+# not (about one call in five ran to the end even when sent straight to vLLM: issue #18). So the tests below time the
+# gateway's close of the upstream connection, seen by a TCP tee between the gateway and vLLM, and vLLM's own abort
+# is compared between the gateway and a direct client over several calls instead of being required every time.
+UPSTREAM_CLOSE_S = 0.5  # measured under 1 ms here; a missed close shows as seconds (vLLM's whole answer) or never
+LONG = 1000  # tokens a call asks for: about 1.3 s of generation for the tiny models, with ignore_eos
+
+
+@contextlib.contextmanager
+def tapped(vllm: VllmStack, model: str) -> Iterator[tuple[TeeProxy, str]]:
+    """A gateway of its own whose only backend is ``model``'s vLLM behind a :class:`TeeProxy`."""
+    with TeeProxy(int(vllm.direct[model].rsplit(":", 1)[1])) as tee:
+        settings = settings_for(
+            [{"name": "tee", "base_url": tee.url, "models": [model]}], [card(model, "llama", "Meta", "US")]
+        )
+        with ThreadServer(create_app(settings)) as gw:
+            yield tee, gw.url
+
+
+def posted(tee: TeeProxy) -> TeeConn:
+    """The tee's connection that carried the gateway's POST (health checks come on connections of their own)."""
+    deadline = time.monotonic() + 30
+    while True:
+        conns = [c for c in tee.conns if c.request.startswith(b"POST ")]
+        if conns:
+            assert len(conns) == 1, "the gateway opened more than one upstream connection for one call"
+            return conns[0]
+        assert time.monotonic() < deadline, "the request never reached the backend"
+        time.sleep(0.005)
+
+
+def raw_call(url: str, body: dict[str, object]) -> socket.socket:
+    """Send a POST over a plain socket, so that the test decides the moment the client leaves (``close``)."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+    sock.sendall(f"{head}content-length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def leave(sock: socket.socket) -> float:
+    """The client hangs up; returns when (time.monotonic)."""
+    left = time.monotonic()
+    sock.close()
+    return left
+
+
+def assert_let_go(tee: TeeConn, left: float, gw_url: str, model: str) -> None:
+    """The gateway closed its upstream connection within UPSTREAM_CLOSE_S of the client leaving, put its in-flight
+    gauges back to 0 and recorded the call as 499 (client closed request)."""
+    deadline = left + 10
+    while tee.client_closed is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert tee.client_closed is not None, "the gateway kept the upstream connection open after its client left"
+    delay = tee.client_closed - left
+    print(f"upstream closed {delay * 1000:.1f} ms after the client left")
+    assert delay <= UPSTREAM_CLOSE_S, f"the gateway closed the upstream connection {delay * 1000:.0f} ms late"
+    deadline = time.monotonic() + 10
+    while (flying := metric(text := scrape(gw_url), "gateway_requests_in_flight", model=model)) != 0:
+        assert time.monotonic() < deadline, f"the in-flight gauge is stuck at {flying}"
+        time.sleep(0.02)
+    assert metric(text, "gateway_requests_total", model=model, status="499") == 1
+
+
+def idle(vllm: VllmStack, model: str) -> None:
+    """Wait until ``model``'s vLLM runs nothing (a call that vLLM did not abort may run on for a second)."""
+    deadline = time.monotonic() + 30
+    while metric(scrape(vllm.direct[model]), "vllm:num_requests_running") != 0:
+        assert time.monotonic() < deadline, "vLLM still running a request 30 s on"
+        time.sleep(0.05)
+
+
+def test_client_leaving_mid_stream_closes_the_upstream_connection(vllm: VllmStack) -> None:
     model = "tiny-qwen3"
-    direct = vllm.direct[model]
-    tokens_before = metric(scrape(direct), "vllm:generation_tokens_total")
-    body = {"model": model, "messages": MSG, "max_tokens": 900, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{vllm.url}/v1/chat/completions", json=body, timeout=60) as response:
-        lines = response.iter_lines()
-        for _ in range(3):
-            next(lines)
-        deadline = time.monotonic() + 2.0  # vLLM's gauges are updated once per engine step's stats
-        while (running := metric(scrape(direct), "vllm:num_requests_running")) != 1:
-            assert time.monotonic() < deadline, f"vLLM shows {running} requests running, not 1"
-            time.sleep(0.05)
-    deadline = time.monotonic() + 1.0
-    while metric(scrape(direct), "vllm:num_requests_running") != 0:
-        assert time.monotonic() < deadline, "vLLM still running the request 1 s after the client left"
-        time.sleep(0.05)
-    time.sleep(0.5)
-    made = metric(scrape(direct), "vllm:generation_tokens_total") - tokens_before
-    assert made < 900, "vLLM generated every token: the request was not aborted"
-    gw = scrape(vllm.url)
-    assert metric(gw, "gateway_requests_in_flight", model=model) == 0
-    assert metric(gw, "gateway_requests_total", model=model, status="499") == 1
+    idle(vllm, model)
+    with tapped(vllm, model) as (tee, gw):
+        body = {"model": model, "messages": MSG, "max_tokens": LONG, "ignore_eos": True, "stream": True}
+        sock = raw_call(gw, body)
+        got = b""
+        while got.count(b"data: {") < 3:  # tokens are flowing to the client
+            data = sock.recv(65536)
+            assert data, got
+            got += data
+        conn = posted(tee)
+        assert conn.client_closed is None
+        assert_let_go(conn, leave(sock), gw, model)
+    idle(vllm, model)
 
 
-def test_client_disconnect_during_a_non_streaming_call_makes_vllm_abort(vllm: VllmStack) -> None:
+def test_client_leaving_a_stream_before_its_first_token_closes_the_upstream_connection(vllm: VllmStack) -> None:
+    """The tee holds vLLM's answer back, so the gateway is certainly still waiting for the first token."""
+    model = "tiny-qwen3"
+    idle(vllm, model)
+    with tapped(vllm, model) as (tee, gw):
+        tee.hold()
+        try:
+            body = {"model": model, "messages": MSG, "max_tokens": LONG, "ignore_eos": True, "stream": True}
+            sock = raw_call(gw, body)
+            conn = posted(tee)
+            time.sleep(0.3)  # vLLM is generating; the gateway has nothing yet
+            assert conn.client_closed is None
+            sock.settimeout(0)
+            with contextlib.suppress(BlockingIOError):
+                assert sock.recv(1) == b"", "the client got bytes before the first token"
+            assert_let_go(conn, leave(sock), gw, model)
+        finally:
+            tee.release()
+    idle(vllm, model)
+
+
+def test_client_leaving_a_non_streaming_call_closes_the_upstream_connection(vllm: VllmStack) -> None:
     model = "tiny-llama"
-    direct = vllm.direct[model]
-    tokens_before = metric(scrape(direct), "vllm:generation_tokens_total")
-    body = {"model": model, "messages": MSG, "max_tokens": 900, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):  # the client gives up while vLLM generates: the socket closes
-        httpx.post(f"{vllm.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.5))
-    deadline = time.monotonic() + 1.0
-    while metric(scrape(direct), "vllm:num_requests_running") != 0:
-        assert time.monotonic() < deadline, "vLLM still running the request 1 s after the client left"
-        time.sleep(0.05)
-    time.sleep(0.5)
-    made = metric(scrape(direct), "vllm:generation_tokens_total") - tokens_before
-    assert 0 < made < 900, made
+    idle(vllm, model)
+    with tapped(vllm, model) as (tee, gw):
+        sock = raw_call(gw, {"model": model, "messages": MSG, "max_tokens": LONG, "ignore_eos": True})
+        conn = posted(tee)
+        time.sleep(0.3)  # vLLM is generating; a non-streaming answer comes whole at the end
+        assert conn.client_closed is None and not conn.response
+        assert_let_go(conn, leave(sock), gw, model)
+    idle(vllm, model)
+
+
+def tokens_made_by_a_call_left_early(vllm: VllmStack, url: str, model: str) -> float:
+    """Tokens vLLM generated for a ``LONG`` non-streaming call whose client gave up after 0.5 s."""
+    idle(vllm, model)
+    before = metric(scrape(vllm.direct[model]), "vllm:generation_tokens_total")
+    body = {"model": model, "messages": MSG, "max_tokens": LONG, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.5))
+    idle(vllm, model)
+    time.sleep(0.5)  # the counter comes with the engine's next stats
+    return metric(scrape(vllm.direct[model]), "vllm:generation_tokens_total") - before
+
+
+def test_vllm_aborts_calls_left_through_the_gateway_about_as_often_as_calls_left_direct(vllm: VllmStack) -> None:
+    """Evidence that the close reaches vLLM: over 6 calls through the gateway and 6 straight to vLLM (alternating),
+    count those vLLM cut short. On this 2-core machine about 4 in 5 are cut either way (issue #18), never all: so
+    the test asks that some are cut through the gateway and not clearly fewer than direct (at most 4 fewer; the
+    chance of failing that by luck alone, at 4 in 5 each way, is about 1 in 2,000). A gateway that kept the
+    connection open would have none cut."""
+    model = "tiny-llama"
+    made: dict[str, list[float]] = {"gateway": [], "direct": []}
+    for _ in range(6):
+        made["gateway"].append(tokens_made_by_a_call_left_early(vllm, vllm.url, model))
+        made["direct"].append(tokens_made_by_a_call_left_early(vllm, vllm.direct[model], model))
+    cut = {route: sum(0 < m < LONG for m in runs) for route, runs in made.items()}
+    print(f"vLLM cut short: {cut} of 6 each; tokens made {made}")
+    assert all(0 < m <= LONG for runs in made.values() for m in runs), made
+    assert cut["gateway"] >= 1 and cut["gateway"] >= cut["direct"] - 4, made
     gw = scrape(vllm.url)
     assert metric(gw, "gateway_requests_in_flight", model=model) == 0
-    assert metric(gw, "gateway_requests_total", model=model, status="499") == 1
+    assert metric(gw, "gateway_requests_total", model=model, status="499") == 6
