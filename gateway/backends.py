@@ -30,6 +30,7 @@ from gateway.errors import (
     GatewayError,
     NoHealthyBackend,
     Overloaded,
+    UpstreamBadResponse,
     UpstreamStreamError,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -44,7 +45,12 @@ log = logging.getLogger("gateway.backends")
 
 class Backend:
     def __init__(
-        self, config: BackendConfig, breaker: CircuitBreaker, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        config: BackendConfig,
+        breaker: CircuitBreaker,
+        transport: httpx.AsyncBaseTransport | None = None,
+        *,
+        max_response_head_bytes: int = h1.MAX_HEAD_BYTES,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -66,7 +72,7 @@ class Backend:
         )
         # Requests go through the relay's own HTTP/1.1 pool (gateway.h1); httpx serves the health checks.
         self.h1 = h1.Pool(config.base_url, max_connections=config.max_connections, connect_timeout=t.connect,
-                          pool_timeout=t.pool)  # fmt: skip
+                          pool_timeout=t.pool, write_timeout=t.write, max_head=max_response_head_bytes)  # fmt: skip
         self.base_headers = {k: v for k, v in headers.items() if k != "user-agent"}
         self.base_headers["user-agent"] = "llm-compare-gateway"
         self.breaker = breaker
@@ -126,6 +132,8 @@ class Upstream:
             raise UpstreamTimeout(
                 f"backend {self.backend.name} stopped sending (nothing for {self.stall or 0:g} s)"
             ) from None
+        except h1.Malformed as exc:
+            raise UpstreamBadResponse(f"backend {self.backend.name} sent a bad response: {exc}") from None
         except h1.ReadFailed as exc:
             raise UpstreamStreamError(f"backend {self.backend.name} broke the response off ({exc})") from None
 
@@ -139,9 +147,15 @@ class BackendPool:
     ) -> None:
         self.settings = settings
         self.metrics = metrics
-        bp, rp = settings.gateway.breaker, settings.gateway.retry
+        g = settings.gateway
+        bp, rp = g.breaker, g.retry
         self.backends = {
-            b.name: Backend(b, CircuitBreaker(bp.failures, bp.open_s, bp.max_open_s), (transports or {}).get(b.name))
+            b.name: Backend(
+                b,
+                CircuitBreaker(bp.failures, bp.open_s, bp.max_open_s),
+                (transports or {}).get(b.name),
+                max_response_head_bytes=g.max_response_head_bytes,
+            )
             for b in settings.backends
         }
         aliases: dict[str, str] = {}
@@ -369,17 +383,26 @@ class BackendPool:
         loop = asyncio.get_running_loop()
         limit = t.first_token if stream else t.read
         deadline = loop.time() + limit
+        cap = self.settings.gateway.max_response_bytes
         try:
-            upstream.sent = await backend.h1.request("POST", path, headers, body, limit)
+            upstream.sent = await backend.h1.request("POST", path, headers, body, limit, max_body=cap)
             upstream.stall = t.stall if stream else t.read
             if stream and upstream.sent.status_code == 200:
+                upstream.sent.max_body = None  # a stream can be long; each of its events is capped by the framer
                 upstream.first = await upstream.sent.next_chunk(max(0.0, deadline - loop.time())) or b""
-        except (TimeoutError, h1.PoolTimeout) as exc:
+        except (TimeoutError, h1.PoolTimeout, h1.WriteTimeout) as exc:
             await close_upstream(upstream)
-            what = ("first token" if stream else "response") if isinstance(exc, TimeoutError) else "no free connection"
+            what = (
+                ("first token" if stream else "response")
+                if isinstance(exc, TimeoutError)
+                else ("writing the request" if isinstance(exc, h1.WriteTimeout) else "no free connection")
+            )
             raise UpstreamTimeout(f"backend {name} timed out ({what})") from None
         except h1.ConnectFailed as exc:
             raise UpstreamUnreachable(f"backend {name} is unreachable ({exc})") from None
+        except h1.Malformed as exc:
+            await close_upstream(upstream)
+            raise UpstreamBadResponse(f"backend {name} sent a bad response: {exc}") from None
         except h1.ReadFailed as exc:
             if upstream.sent is None:
                 raise UpstreamUnreachable(f"backend {name} closed the connection ({exc})") from None

@@ -176,6 +176,12 @@ class GatewaySection(Strict):
     drain_s: Annotated[float, Field(ge=0, description="on SIGTERM: time in-flight requests get to finish")] = 30.0
     max_headers: Annotated[int, Field(ge=8, description="more request headers than this get 431")] = 100
     max_header_bytes: Annotated[int, Field(ge=1024, description="larger request heads get 431")] = 32 * 1024
+    max_response_head_bytes: Annotated[int, Field(ge=1024, description="a larger backend response head: 502")] = (
+        64 * 1024
+    )
+    max_response_bytes: Annotated[
+        int, Field(ge=1024, description="a larger non-streaming backend response body: 502")
+    ] = 64 * 1024 * 1024
     auth: AuthSection = AuthSection()
     cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed (default: none)")
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = Field(
@@ -262,6 +268,11 @@ def parse_settings(data: Any, source: str) -> Settings:
         if backend.api_key_env and backend.api_key_env not in os.environ:
             raise ConfigError(
                 f"{source}: backends[{i}].api_key_env: environment variable {backend.api_key_env} is not set"
+            )
+        key = backend.api_key()
+        if key and (any(c in key for c in "\r\n\0") or not key.isprintable()):
+            raise ConfigError(
+                f"{source}: backends[{i}].api_key_env: {backend.api_key_env} holds a line break or control character"
             )
     return settings
 
