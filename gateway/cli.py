@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -136,6 +135,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.server import server_options
 
     env = ServeEnv()
     config = args.config or env.config
@@ -157,22 +157,8 @@ def serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         return serve_workers(settings, host, port, args)
     app = create_app(settings)
-    uvicorn.Server(uvicorn.Config(app, **server_options(settings, host, port, args))).run()
+    uvicorn.Server(uvicorn.Config(app, **server_options(settings, host, port, access_log=args.access_log))).run()
     return 0
-
-
-def server_options(settings: Settings, host: str, port: int, args: argparse.Namespace) -> dict[str, Any]:
-    """uvicorn's settings for the gateway, one process or several."""
-    return {
-        "host": host,
-        "port": port,
-        "log_level": settings.gateway.log_level,
-        "access_log": args.access_log,
-        "timeout_graceful_shutdown": math.ceil(settings.gateway.drain_s) + 2,  # late calls end at drain_s
-        "h11_max_incomplete_event_size": 256 * 1024,  # the gateway's own head limit (431) answers before this
-        "proxy_headers": False,  # the gateway never uses the client address: skip rewriting it per request
-        "server_header": False,  # no "server: uvicorn" on every response
-    }
 
 
 def serve_workers(settings: Settings, host: str, port: int, args: argparse.Namespace) -> int:
@@ -184,6 +170,8 @@ def serve_workers(settings: Settings, host: str, port: int, args: argparse.Names
 
     import uvicorn
 
+    from gateway.server import server_options
+
     if settings.gateway.metrics_port is not None:
         print("error: gateway.metrics_port is not supported with --workers > 1 (scrape the API port)", file=sys.stderr)
         return 2
@@ -192,7 +180,10 @@ def serve_workers(settings: Settings, host: str, port: int, args: argparse.Names
     os.environ["GATEWAY_SETTINGS_JSON"] = settings.model_dump_json()
     try:
         uvicorn.run(
-            "gateway.app:app_from_env", factory=True, workers=args.workers, **server_options(settings, host, port, args)
+            "gateway.app:app_from_env",
+            factory=True,
+            workers=args.workers,
+            **server_options(settings, host, port, access_log=args.access_log),
         )
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -176,6 +176,10 @@ class GatewaySection(Strict):
     drain_s: Annotated[float, Field(ge=0, description="on SIGTERM: time in-flight requests get to finish")] = 30.0
     max_headers: Annotated[int, Field(ge=8, description="more request headers than this get 431")] = 100
     max_header_bytes: Annotated[int, Field(ge=1024, description="larger request heads get 431")] = 32 * 1024
+    client_header_timeout_s: Annotated[float, Field(gt=0, description="a request head must arrive within (408)")] = 30.0
+    client_body_timeout_s: Annotated[float, Field(gt=0, description="longest silence in a request body (408)")] = 60.0
+    keepalive_timeout_s: Annotated[float, Field(gt=0, description="an idle client connection is closed after")] = 5.0
+    max_connections: Annotated[int, Field(ge=1, description="client connections; beyond, 503")] = 4096
     max_response_head_bytes: Annotated[int, Field(ge=1024, description="a larger backend response head: 502")] = (
         64 * 1024
     )

@@ -16,6 +16,7 @@ Every failure the gateway itself reports is one of these classes. Each class map
     │   ├── PermissionDenied        403  the key may not use that model
     │   ├── NotFound                404  no such route
     │   │   └── ModelNotFound       404  no configured model or alias of that name
+    │   ├── RequestTimeout          408  the request head or body did not arrive in time (connection closed)
     │   ├── PayloadTooLarge         413
     │   ├── UnsupportedMediaType    415  a body that is not application/json
     │   ├── RateLimited             429  the key's requests or tokens per minute are spent   (Retry-After)
@@ -23,6 +24,7 @@ Every failure the gateway itself reports is one of these classes. Each class map
     │   └── HeadersTooLarge         431
     └── ServerError                 5xx, ours or a backend's
         ├── NoHealthyBackend        503  every replica is down or ejected               (Retry-After if ejected)
+        ├── TooManyConnections      503  the listener is at gateway.max_connections     (Retry-After)
         ├── ShuttingDown            503  the gateway is draining
         ├── UpstreamUnreachable     502  connection refused / reset before a response
         ├── UpstreamTimeout         504  connect or read timeout
@@ -109,6 +111,11 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class RequestTimeout(ClientError):
+    status = 408
+    code = "request_timeout"
+
+
 class PayloadTooLarge(ClientError):
     status = 413
     code = "payload_too_large"
@@ -147,6 +154,12 @@ class NoHealthyBackend(ServerError):
     status = 503
     type = "service_unavailable"
     code = "no_healthy_backend"
+
+
+class TooManyConnections(ServerError):
+    status = 503
+    type = "service_unavailable"
+    code = "too_many_connections"
 
 
 class ShuttingDown(ServerError):

@@ -1,0 +1,199 @@
+"""The HTTP server side: uvicorn's settings for the gateway, and the limits it puts on client connections.
+
+uvicorn parses requests with httptools here, and httptools has no head-size limit (uvicorn's
+``h11_max_incomplete_event_size`` applies to h11 only): a client could send a head of any size, buffered whole
+before the app sees it, and connections that send nothing stay open for ever. :class:`GuardedHttpTools` is
+uvicorn's httptools protocol with the limits a public listener needs, as nginx has them:
+
+- a request head larger than ``gateway.max_header_bytes`` is refused with 431 and the connection closed as soon as
+  that many bytes have arrived without the head's end (at most one socket read more is ever buffered);
+- ``client_header_timeout_s``: the whole head must arrive within it, counted from the connection's (or the next
+  request's) first byte; ``client_body_timeout_s``: the longest silence while a body is being sent. Either way the
+  client gets 408 (nothing, if it never sent a byte) and the connection is closed;
+- ``keepalive_timeout_s``: an idle kept-alive connection is closed (uvicorn's own timer);
+- ``max_connections``: beyond it, a request gets 503 with ``Retry-After`` and its connection is closed.
+
+The responses written here (before any app ran) are OpenAI error objects from the gateway's error tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, cast
+
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from gateway.config import Settings
+from gateway.errors import GatewayError, HeadersTooLarge, RequestTimeout, TooManyConnections
+
+log = logging.getLogger("gateway.server")
+LINGER_BYTES = 256 * 1024  # after a refusal: what a client may still send, read and dropped, before the close
+LINGER_S = 1.0
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    max_header_bytes: int = 32 * 1024
+    header_timeout_s: float = 30.0
+    body_timeout_s: float = 60.0
+    max_connections: int = 4096
+
+    @classmethod
+    def of(cls, settings: Settings) -> ClientLimits:
+        g = settings.gateway
+        return cls(g.max_header_bytes, g.client_header_timeout_s, g.client_body_timeout_s, g.max_connections)
+
+
+def _refusal(err: GatewayError) -> bytes:
+    """A whole HTTP/1.1 response for ``err``, closing the connection."""
+    body = err.body_bytes()
+    head = [f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}", "content-type: application/json"]
+    head += [f"content-length: {len(body)}", "connection: close"]
+    head += [f"{k}: {v}" for k, v in err.headers().items()]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+class GuardedHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol with head-size, timeout and connection limits (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        limits: ClientLimits,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.limits = limits
+        self.in_head = True  # between requests, or reading a head
+        self.head_bytes = 0
+        self.over_limit = False
+        self.refused = False
+        self.linger = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+    # -- connection ---------------------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.over_limit = len(self.connections) > self.limits.max_connections
+        self._arm(self.limits.header_timeout_s, self._head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused:  # lingering: dropped, up to a point
+            self.linger -= len(data)
+            if self.linger <= 0:
+                self._disarm()
+                self.transport.close()
+            return
+        if self.in_head:
+            if self.timer is None:  # the first byte of the next request on a kept-alive connection
+                self._arm(self.limits.header_timeout_s, self._head_timed_out)
+            self.head_bytes += len(data)
+        elif self.timer is not None:
+            self._arm(self.limits.body_timeout_s, self._body_timed_out)  # the body moved: the silence restarts
+        super().data_received(data)
+        if self.in_head and self.head_bytes > self.limits.max_header_bytes and not self.refused:
+            limit = self.limits.max_header_bytes
+            self._refuse(HeadersTooLarge(f"request head larger than {limit} bytes (gateway.max_header_bytes)"))
+
+    # -- parser callbacks -----------------------------------------------------------------------------------------
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_bytes = 0
+        if self.over_limit:
+            limit = self.limits.max_connections
+            self._refuse(TooManyConnections(f"the gateway is at its connection limit ({limit})", retry_after=1))
+            return
+        self._arm(self.limits.body_timeout_s, self._body_timed_out)
+        super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self.refused:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.refused:
+            return
+        self._disarm()
+        self.in_head = True
+        super().on_message_complete()
+
+    # -------------------------------------------------------------------------------------------------------------
+    def _arm(self, seconds: float, callback: Any) -> None:
+        self._disarm()
+        self.timer = self.loop.call_later(seconds, callback)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _head_timed_out(self) -> None:
+        self.timer = None
+        if self.transport.is_closing() or self.refused:
+            return
+        if self.head_bytes == 0:  # nothing of a request: just close, as for an idle keep-alive connection
+            self.transport.close()
+            return
+        self._refuse(RequestTimeout(f"request head not received within {self.limits.header_timeout_s:g} s"))
+
+    def _body_timed_out(self) -> None:
+        self.timer = None
+        if self.transport.is_closing() or self.refused:
+            return
+        if self.flow.read_paused:  # the app is behind, not the client: wait for it
+            self._arm(self.limits.body_timeout_s, self._body_timed_out)
+            return
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started:
+            self.transport.close()
+            return
+        self._refuse(RequestTimeout(f"request body stalled for {self.limits.body_timeout_s:g} s"))
+
+    def _refuse(self, err: GatewayError) -> None:
+        """Answer with ``err`` and close the connection, whatever the request was.
+
+        A lingering close, as nginx does: the answer goes out with our half of the connection (FIN), then what the
+        client still sends is read and dropped for a moment (at most ``LINGER_BYTES``, ``LINGER_S``). Closing at
+        once with unread bytes would make the kernel reset the connection, and the client could lose the answer."""
+        log.info("refused a client connection: %s", err.message)
+        self.refused = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+        self.transport.write(_refusal(err))
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.linger = LINGER_BYTES
+            self._arm(LINGER_S, self.transport.close)
+        else:
+            self._disarm()
+            self.transport.close()
+
+
+def server_options(settings: Settings, host: str, port: int, *, access_log: bool = False) -> dict[str, Any]:
+    """uvicorn's settings for the gateway, one process or several."""
+    g = settings.gateway
+    return {
+        "host": host,
+        "port": port,
+        "log_level": g.log_level,
+        "access_log": access_log,
+        "http": cast(Any, functools.partial(GuardedHttpTools, limits=ClientLimits.of(settings))),
+        "timeout_keep_alive": math.ceil(g.keepalive_timeout_s),
+        "timeout_graceful_shutdown": math.ceil(g.drain_s) + 2,  # late calls end at drain_s
+        "proxy_headers": False,  # the gateway never uses the client address: skip rewriting it per request
+        "server_header": False,  # no "server: uvicorn" on every response
+    }
