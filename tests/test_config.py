@@ -44,7 +44,8 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 @pytest.mark.parametrize("name", ["config.emulated.yaml", "config.gpu.yaml", "config.vllm-cpu.yaml"])
-def test_shipped_examples_load(name: str) -> None:
+def test_shipped_examples_load(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_ADMIN_KEY", "gk-admin-0123456789abcdef")  # config.gpu.yaml's admin key
     settings = load_settings(REPO / "deploy" / name)
     assert {c.family for c in settings.models} == {"qwen3", "deepseek", "llama"}
     assert {c.origin for c in settings.models} == {"CN", "US"}
