@@ -105,6 +105,8 @@ class Keyring:
         self.protect_metrics = auth.protect_metrics
         self.clients: list[tuple[bytes, Client]] = []
         for key in auth.keys:
+            if key.sha256 is None:  # parse_settings replaces key_env by the key's hash
+                raise ValueError(f"API key {key.name!r}: key_env not read; load settings with parse_settings")
             allowed = None
             if key.models is not None:
                 allowed = frozenset(m for m in (resolve(name) for name in key.models) if m is not None)

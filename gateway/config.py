@@ -6,6 +6,7 @@ once, at startup; a bad file raises :class:`ConfigError` whose message names the
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -139,15 +140,31 @@ class BreakerPolicy(Strict):
     max_open_s: Annotated[float, Field(gt=0)] = 300.0
 
 
+MIN_KEY_CHARS = 16
+
+
 class ApiKey(Strict):
-    """A client key, stored as the SHA-256 of the key (``gateway keygen`` makes a key and prints this entry)."""
+    """A client key, stored as the SHA-256 of the key (``gateway keygen`` makes a key and prints this entry), or
+    read from the environment variable ``key_env`` at startup: a deployment cannot ship the hash of a secret nobody
+    knows yet. Of a key from the environment only its hash is kept (:func:`parse_settings` fills ``sha256``)."""
 
     name: Annotated[str, Field(pattern=NAME_PATTERN, description="shown in logs and metrics instead of the key")]
-    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
+    key_env: Annotated[str, Field(pattern=ENV_VAR_PATTERN)] | None = Field(
+        default=None, description="environment variable holding the key itself (instead of sha256)"
+    )
     models: list[str] | None = Field(default=None, description="model ids or aliases it may use (default: all)")
     rpm: Annotated[int, Field(ge=1)] | None = Field(default=None, description="requests per minute")
     tpm: Annotated[int, Field(ge=1)] | None = Field(default=None, description="prompt + completion tokens per minute")
     admin: bool = Field(default=False, description="may read /metrics when auth.protect_metrics is on")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKey:
+        if (self.sha256 is None) == (self.key_env is None):
+            raise ValueError(
+                "give exactly one of sha256 (printed by gateway keygen) or key_env (a variable holding the key)"
+            )
+        return self
 
 
 class AuthSection(Strict):
@@ -278,7 +295,35 @@ def parse_settings(data: Any, source: str) -> Settings:
             raise ConfigError(
                 f"{source}: backends[{i}].api_key_env: {backend.api_key_env} holds a line break or control character"
             )
-    return settings
+    return _client_keys_from_env(settings, source)
+
+
+def _key_from_env(key: ApiKey, var: str, where: str) -> ApiKey:
+    """``key`` with the SHA-256 of the key in the environment variable ``var`` in place of the variable's name."""
+    raw = os.environ.get(var)
+    if raw is None:
+        raise ConfigError(f"{where}: environment variable {var} is not set")
+    # The gateway strips the key a client presents, so edge whitespace (a newline from a file) is not part of it.
+    raw = raw.strip()
+    if not raw:
+        raise ConfigError(f"{where}: environment variable {var} is empty")
+    if len(raw) < MIN_KEY_CHARS:
+        raise ConfigError(f"{where}: {var} holds {len(raw)} characters; a key needs at least {MIN_KEY_CHARS}")
+    # The same digest as gateway.auth.hash_key (auth imports this module, not the other way round). Dropping
+    # key_env keeps the settings valid when re-read: `serve --workers` hands them to its workers as JSON.
+    return key.model_copy(update={"sha256": hashlib.sha256(raw.encode()).hexdigest(), "key_env": None})
+
+
+def _client_keys_from_env(settings: Settings, source: str) -> Settings:
+    auth = settings.gateway.auth
+    if not any(k.key_env for k in auth.keys):
+        return settings
+    keys = [
+        _key_from_env(k, k.key_env, f"{source}: gateway.auth.keys[{i}].key_env (key {k.name!r})") if k.key_env else k
+        for i, k in enumerate(auth.keys)
+    ]
+    gateway = settings.gateway.model_copy(update={"auth": auth.model_copy(update={"keys": keys})})
+    return settings.model_copy(update={"gateway": gateway})
 
 
 def load_settings(path: Path) -> Settings:

@@ -17,6 +17,10 @@ Contract:
   first model) on TTFT, TPOT, E2E and output speed.
 - report.html has inline CSS and SVG drawn here; no script and nothing fetched. Every text that comes from results
   or cards is HTML-escaped. Every section is always present and says "no data" when it has none.
+- Model ids, families, origins, answers and errors come from config, a remote gateway or a model: untrusted.
+  summary.md HTML-escapes them, backslash-escapes what would make a link, an image or a table cell, and writes line
+  breaks as spaces. results.csv prefixes ``'`` to a text cell starting with ``= + - @``, tab or CR, which a
+  spreadsheet would run as a formula (OWASP); numbers are written as numbers.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import csv
 import html
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -227,17 +232,40 @@ def _difference(c: Comparison, value: float) -> str:
 # ---- files ------------------------------------------------------------------------------------------------------
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """A value as results.csv writes it: text a spreadsheet would run as a formula gets a leading ``'``."""
+    if value is None:
+        return ""
+    # Only text: a negative float we measured is a number, and a quote would turn it into text.
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def write_csv(results: Sequence[CallResult], path: Path) -> None:
     with path.open("w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
         for r in results:
-            writer.writerow(["" if (v := getattr(r, c)) is None else v for c in COLUMNS])
+            writer.writerow([csv_cell(getattr(r, c)) for c in COLUMNS])
+
+
+# A backslash first (it escapes the others); brackets make links and images, a pipe ends a table cell.
+_MD_SPECIAL = re.compile(r"([\\\[\]|])")
+
+
+def md_escape(text: str) -> str:
+    """Text as Markdown shows it verbatim on one line: no HTML, link, image, table cell or line break of its own."""
+    one_line = " ".join(text.splitlines())
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(one_line, quote=False))
 
 
 def _md_table(rows: Sequence[Row], *, group: bool) -> list[str]:
     def line(cells: Iterable[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+        return "| " + " | ".join(md_escape(c) for c in cells) + " |"
 
     head = [*_lead_names(group), *COLUMN_NAMES]
     return [line(head), line("---" for _ in head), *(line(_lead(r, group) + _cells(r)) for r in rows)]
@@ -246,10 +274,10 @@ def _md_table(rows: Sequence[Row], *, group: bool) -> list[str]:
 def render_markdown(
     title: str, when: str, rows: Sequence[Row], groups: Sequence[Row], comps: Sequence[Comparison]
 ) -> str:
-    lines = [f"# {title}", "", f"Generated {when}.", "", "## Per model", ""]
+    lines = [f"# {md_escape(title)}", "", f"Generated {when}.", "", "## Per model", ""]
     lines += _md_table(rows, group=False) if rows else ["No data."]
     lines += ["", "## By origin", "", *_md_table(groups, group=True), "", "## Paired comparisons", ""]
-    lines += [f"- {c.sentence}" for c in comps] or ["No data (fewer than two models)."]
+    lines += [f"- {md_escape(c.sentence)}" for c in comps] or ["No data (fewer than two models)."]
     lines += ["", "## How to read this", "", DEFINITIONS, "", GPU_NOTE, ""]
     return "\n".join(lines)
 

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, guess_card, load_settings
+from gateway.auth import hash_key
+from gateway.config import ConfigError, Settings, guess_card, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -21,6 +22,20 @@ backends:
     models: [m1]
 """
 
+# An admin key whose secret is in the environment, as the shipped deployments have it.
+KEYED = (
+    """
+gateway:
+  auth:
+    keys:
+      - name: ops
+        key_env: GW_OPS_KEY
+        admin: true
+"""
+    + GOOD
+)
+OPS_KEY = "gk-ops-0123456789abcdef0123456789abcdef"
+
 
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "gw.yaml"
@@ -29,7 +44,8 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 @pytest.mark.parametrize("name", ["config.emulated.yaml", "config.gpu.yaml", "config.vllm-cpu.yaml"])
-def test_shipped_examples_load(name: str) -> None:
+def test_shipped_examples_load(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_ADMIN_KEY", "gk-admin-0123456789abcdef")  # config.gpu.yaml's admin key
     settings = load_settings(REPO / "deploy" / name)
     assert {c.family for c in settings.models} == {"qwen3", "deepseek", "llama"}
     assert {c.origin for c in settings.models} == {"CN", "US"}
@@ -56,6 +72,15 @@ def test_good_config_and_derived_values(tmp_path: Path) -> None:
             GOOD + "  - {name: b2, base_url: 'http://x', models: [m1], timeouts: {read: 0}}\n",
             "backends[1].timeouts.read",
         ),
+        (
+            KEYED.replace("key_env: GW_OPS_KEY", "key_env: GW_OPS_KEY\n        sha256: '" + "0" * 64 + "'"),
+            "exactly one of",
+        ),
+        (
+            KEYED.replace("key_env: GW_OPS_KEY", "admin: false"),
+            "gateway.auth.keys[0]: Value error, give exactly one of",
+        ),
+        (KEYED.replace("GW_OPS_KEY", "not-a-variable"), "gateway.auth.keys[0].key_env: String should match pattern"),
         ("backends: []\n", "backends: List should have at least 1 item"),
         ("just a string", "expected a mapping"),
         ("models: [\n", "not valid YAML"),
@@ -82,6 +107,40 @@ def test_api_key_comes_from_named_env_var(tmp_path: Path, monkeypatch: pytest.Mo
         load_settings(path)
     monkeypatch.setenv("B1_KEY", "sk-secret")
     assert load_settings(path).backends[0].api_key() == "sk-secret"
+
+
+def test_client_key_from_env_keeps_only_its_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, KEYED)
+    monkeypatch.setenv("GW_OPS_KEY", f"  {OPS_KEY}\n")  # as a Secret made from a file may hold it
+    settings = load_settings(path)
+    key = settings.gateway.auth.keys[0]
+    assert (key.name, key.sha256, key.admin, settings.gateway.auth.enabled) == ("ops", hash_key(OPS_KEY), True, True)
+    # `serve --workers` hands its workers the settings as JSON: they hold the hash only, and re-read the same
+    handed = settings.model_dump_json()
+    assert OPS_KEY not in handed and Settings.model_validate_json(handed) == settings
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, "environment variable GW_OPS_KEY is not set"),
+        ("", "environment variable GW_OPS_KEY is empty"),
+        ("  \n", "environment variable GW_OPS_KEY is empty"),
+        ("short-key-15chr", "GW_OPS_KEY holds 15 characters; a key needs at least 16"),
+    ],
+    ids=["unset", "empty", "blank", "short"],
+)
+def test_client_key_from_env_must_be_set_and_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str | None, expected: str
+) -> None:
+    path = write(tmp_path, KEYED)
+    if value is None:
+        monkeypatch.delenv("GW_OPS_KEY", raising=False)
+    else:
+        monkeypatch.setenv("GW_OPS_KEY", value)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert str(info.value) == f"{path}: gateway.auth.keys[0].key_env (key 'ops'): {expected}"
 
 
 def test_inline_key_is_refused(tmp_path: Path) -> None:

@@ -13,10 +13,21 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gateway.config import load_settings
+from gateway.auth import hash_key
+from gateway.config import ConfigError, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
+# The shipped gateway configs: they listen on every interface, so they take an admin key from the environment.
+SHIPPED = ("deploy/config.gpu.yaml", "deploy/compose/config.cpu.yaml")
+ADMIN_KEY_ENV = "GATEWAY_ADMIN_KEY"
+ADMIN_KEY = "gk-admin-test-0123456789abcdef0123456789"
+
+
+@pytest.fixture(autouse=True)
+def admin_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The admin key every shipped config needs; a test that wants it unset deletes it."""
+    monkeypatch.setenv(ADMIN_KEY_ENV, ADMIN_KEY)
 
 
 def k8s_docs() -> list[dict[str, Any]]:
@@ -142,3 +153,117 @@ def test_compose_prometheus_config_passes_promtool(tmp_path: Path) -> None:
     provisioning = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "llm-gateway.yml").read_text())
     mounted = [v for v in compose()["services"]["grafana"]["volumes"] if "grafana/dashboards" in v]
     assert mounted[0].split(":")[1] == provisioning["providers"][0]["options"]["path"]
+
+
+# -- locked by default: API keys, the Grafana password, metrics on their own port ---------------------------------
+def required_env(value: str, var: str) -> bool:
+    """Compose's ``${VAR:?message}``: with VAR unset or empty, compose refuses to start and prints the message."""
+    return re.fullmatch(rf"\$\{{{var}:\?[^}}]+\}}", value) is not None
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment", {})
+    return dict(e.split("=", 1) for e in env) if isinstance(env, list) else {k: str(v) for k, v in env.items()}
+
+
+def mounting(config: str) -> dict[str, Any]:
+    """The compose service that mounts ``config`` as the gateway's config file."""
+    services = compose()["services"].values()
+    return next(s for s in services if f"./{config}:/etc/gateway/config.yaml:ro" in s.get("volumes", []))
+
+
+def test_compose_refuses_to_start_without_an_admin_key_and_a_grafana_password() -> None:
+    services = compose()["services"]
+    for name in ("gateway", "gateway-cpu"):
+        assert required_env(environment(services[name])[ADMIN_KEY_ENV], ADMIN_KEY_ENV), name
+    grafana = environment(services["grafana"])
+    assert required_env(grafana["GF_SECURITY_ADMIN_PASSWORD"], "GRAFANA_ADMIN_PASSWORD")
+    assert grafana.get("GF_AUTH_ANONYMOUS_ENABLED", "false") == "false"
+    assert ":-admin" not in (REPO / "docker-compose.yml").read_text()  # no default password left anywhere
+
+
+@pytest.mark.parametrize("config", SHIPPED)
+def test_shipped_configs_need_an_admin_key_from_the_environment(config: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = yaml.safe_load((REPO / config).read_text())["gateway"]["auth"]["keys"]
+    # no hash shipped: nobody would know its key
+    assert raw == [{"name": "admin", "key_env": ADMIN_KEY_ENV, "admin": True}]
+    settings = load_settings(REPO / config)
+    assert settings.gateway.host == "0.0.0.0" and settings.gateway.auth.enabled
+    assert [(k.name, k.sha256, k.admin) for k in settings.gateway.auth.keys] == [("admin", hash_key(ADMIN_KEY), True)]
+    assert ADMIN_KEY_ENV in environment(mounting(config))  # compose hands the variable to that gateway
+    monkeypatch.delenv(ADMIN_KEY_ENV)
+    with pytest.raises(ConfigError) as info:
+        load_settings(REPO / config)
+    assert f"gateway.auth.keys[0].key_env (key 'admin'): environment variable {ADMIN_KEY_ENV} is not set" in str(
+        info.value
+    )
+
+
+def metrics_port(config: str) -> int:
+    settings = load_settings(REPO / config)
+    assert settings.gateway.metrics_port is not None, f"{config}: set gateway.metrics_port"
+    return settings.gateway.metrics_port
+
+
+def test_compose_prometheus_scrapes_the_unpublished_metrics_port() -> None:
+    ports = {metrics_port(config) for config in SHIPPED}
+    assert len(ports) == 1  # one scrape target serves both profiles
+    port = ports.pop()
+    jobs = {
+        j["job_name"]: j for j in yaml.safe_load((DEPLOY / "compose" / "prometheus.yml").read_text())["scrape_configs"]
+    }
+    assert [t for c in jobs["gateway"]["static_configs"] for t in c["targets"]] == [f"gateway:{port}"]
+    for config in SHIPPED:
+        service = mounting(config)
+        assert service["ports"] == ["8000:8000"]  # the API only: metrics stay on the compose network
+
+
+def matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions with In / NotIn / Exists / DoesNotExist)."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        value = labels.get(e["key"])
+        ok = {"In": value in e.get("values", []), "NotIn": value not in e.get("values", []),
+              "Exists": value is not None, "DoesNotExist": value is None}[e["operator"]]  # fmt: skip
+        if not ok:
+            return False
+    return True
+
+
+def scraped_ports(pod: dict[str, Any]) -> set[int]:
+    """The container ports the shipped PodMonitors scrape on ``pod``: an endpoint's named port, where the pod has it."""
+    named = {p["name"]: p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+    monitors = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "servicemonitor.yaml").read_text()) if d]
+    return {
+        named[e["port"]]
+        for m in monitors
+        if m["kind"] == "PodMonitor" and matches(m["spec"]["selector"], pod["metadata"]["labels"])
+        for e in m["spec"]["podMetricsEndpoints"]
+        if e["port"] in named
+    }
+
+
+def test_kubernetes_gateway_takes_its_key_from_a_secret_and_is_scraped_on_the_metrics_port() -> None:
+    kinds = {(d["kind"], d["metadata"]["name"]): d for d in k8s_docs()}
+    pod = kinds[("Deployment", "gateway")]["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    ref = env[ADMIN_KEY_ENV]["valueFrom"]["secretKeyRef"]
+    assert not ref.get("optional", False)  # no Secret, no start: never an open gateway
+    namespace = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())["namespace"]
+    readme = (REPO / "README.md").read_text()
+    assert f"kubectl -n {namespace} create secret generic {ref['name']} --from-literal={ref['key']}=" in readme
+    assert not any(d["kind"] == "Secret" for d in k8s_docs())  # the user makes the key; none is shipped
+    # the key-free probes stay on the API port; Prometheus scrapes the metrics port only
+    assert (container["readinessProbe"]["httpGet"], container["livenessProbe"]["httpGet"]) == (
+        {"path": "/ready", "port": "http"}, {"path": "/health", "port": "http"},
+    )  # fmt: skip
+    port = metrics_port("deploy/config.gpu.yaml")
+    assert {"name": "metrics", "containerPort": port} in container["ports"]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+    assert scraped_ports(pod) == {port}
+    assert [p["targetPort"] for p in kinds[("Service", "gateway")]["spec"]["ports"]] == ["http"]  # not metrics
+    for (kind, name), doc in kinds.items():
+        if kind == "Deployment" and name.startswith("vllm-"):
+            assert scraped_ports(doc["spec"]["template"]) == {8000}, name  # vLLM's /metrics is on its API port

@@ -6,7 +6,9 @@ Every expected number is worked out by hand from the data below, not by calling 
 from __future__ import annotations
 
 import csv
+import html
 import re
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -172,3 +174,89 @@ def test_empty_report_says_no_data(tmp_path: Path) -> None:
 def test_unknown_baseline_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="baseline 'gpt' has no results"):
         write_report(results(), CARDS, tmp_path, baseline="gpt")
+
+
+# Model ids, families and origins come from the gateway's /v1/models (config or a remote server); answers and
+# errors from the models. None of them may become markup, a Markdown structure or a spreadsheet formula.
+HOSTILE = "<img src=x onerror=alert(1)>"
+HOSTILE_FAMILY = "qwen | 3\n## injected heading\r\n![pixel](http://evil.example/p.png) a\\|b"
+HOSTILE_ORIGIN = "<b>CN</b>"
+FORMULA = '=HYPERLINK("http://x")'
+
+
+def hostile_report(out: Path) -> ReportPaths:
+    """The fixed run with qwen renamed to ``HOSTILE``, its card's family and origin hostile, its answers a formula."""
+    rows = [
+        replace(r, model=HOSTILE, family=HOSTILE_FAMILY, origin=HOSTILE_ORIGIN, text=FORMULA) if r.model == QWEN else r
+        for r in results()
+    ]
+    card = CARDS[QWEN].model_copy(update={"id": HOSTILE, "family": HOSTILE_FAMILY, "origin": HOSTILE_ORIGIN})
+    cards = {LLAMA: CARDS[LLAMA], DEEPSEEK: CARDS[DEEPSEEK], HOSTILE: card}
+    return write_report(rows, cards, out, title="Tiny <models>", generated_at=datetime(2025, 1, 2, tzinfo=UTC))
+
+
+def md_cells(line: str) -> list[str]:
+    """A GitHub-flavoured table row's cells: a pipe after a backslash is text, every other pipe separates."""
+    return [c.strip() for c in re.findall(r"(?:\\.|[^|\\])+", line.strip().removeprefix("|").removesuffix("|"))]
+
+
+def md_text(cell: str) -> str:
+    """What a Markdown renderer shows for a cell: backslash escapes and HTML entities resolved."""
+    return html.unescape(re.sub(r"\\(.)", r"\1", cell))
+
+
+def test_summary_markdown_escapes_model_family_and_origin(tmp_path: Path) -> None:
+    md = hostile_report(tmp_path).markdown.read_text(encoding="utf-8")
+    lines = md.splitlines()
+    # no live HTML and no image or link syntax from the data; only our own headings
+    assert "<img" not in md and "<b>" not in md
+    assert "![pixel](" not in md and not re.search(r"(?<!\\)\]\(", md)  # a link needs an unescaped ](
+    assert [x for x in lines if x.startswith("#")] == [
+        "# Tiny &lt;models&gt;", "## Per model", "## By origin", "## Paired comparisons", "## How to read this",
+    ]  # fmt: skip
+    # the per-model table keeps one line per model and as many cells as its header in every line
+    start = lines.index("## Per model") + 2
+    table = lines[start : lines.index("", start)]
+    assert len(table) == 2 + 3
+    assert {len(md_cells(x)) for x in table} == {len(md_cells(table[0]))}
+    row = next(md_cells(x) for x in table if md_text(md_cells(x)[0]) == HOSTILE)
+    # the renderer shows the values themselves, line breaks as spaces
+    assert (md_text(row[1]), md_text(row[2])) == (" ".join(HOSTILE_FAMILY.splitlines()), HOSTILE_ORIGIN)
+    # every paired comparison is one list item on one line, naming the model as text
+    items = [x for x in lines if x.startswith("- ")]
+    assert len(items) == 8 and sum(1 for x in items if "&lt;img src=x onerror=alert(1)&gt;" in x) == 4
+
+
+def test_csv_neutralises_formulas_and_keeps_numbers(tmp_path: Path) -> None:
+    # OWASP's CSV injection list: a text cell starting with = + - @ tab or carriage return is run as a formula
+    texts = [FORMULA, "+1+1", "-2+3", "@SUM(A1)", "\t=1+1", "\r=1+1", "1+1=2", "plain"]
+    calls = [
+        CallResult(
+            comparison_id="run-1", kind="run", model="=cmd|' /C calc'!A0", prompt_id=f"-p{i}", repeat=i,
+            family="@family", origin="+CN", ttft_s=0.1, cost_list_usd=-0.25, text=text, error=f"-ERR {i}",
+            created_at=1000.0 + i,
+        )
+        for i, text in enumerate(texts)
+    ]  # fmt: skip
+    paths = write_report(calls, {}, tmp_path)
+    with paths.csv.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["text"] for r in rows] == [f"'{t}" for t in texts[:6]] + texts[6:]
+    assert {(r["model"], r["family"], r["origin"]) for r in rows} == {("'=cmd|' /C calc'!A0", "'@family", "'+CN")}
+    assert [(r["prompt_id"], r["error"]) for r in rows[:2]] == [("'-p0", "'-ERR 0"), ("'-p1", "'-ERR 1")]
+    # numbers we wrote stay numbers, a negative one included
+    assert {(r["cost_list_usd"], r["ttft_s"]) for r in rows} == {("-0.25", "0.1")}
+    assert [r["repeat"] for r in rows] == [str(i) for i in range(len(texts))]
+
+
+def test_html_escapes_a_hostile_model_name_and_answer(tmp_path: Path) -> None:
+    page = hostile_report(tmp_path).html.read_text(encoding="utf-8")
+    name = html.escape(HOSTILE)
+    assert "<img" not in page.lower() and not re.search(r"<[^>]*onerror", page, re.I)
+    assert f"<td>{name}</td>" in page  # the summary table
+    assert f"<th>{name}</th>" in page  # the answers' column
+    assert f'text-anchor="end">{name}</text>' in page  # a plot's row label
+    assert f"<td>{name} vs {LLAMA}</td>" in page  # paired comparisons
+    assert f"<td>{html.escape(HOSTILE_ORIGIN)}</td>" in page and "<b>" not in page
+    # a formula is only text in HTML: shown as written, its quotes escaped
+    assert '<div class="ans">=HYPERLINK(&quot;http://x&quot;)</div>' in page

@@ -125,6 +125,24 @@ def test_metrics_need_an_admin_key_or_move_to_their_own_port(keyed: tuple[str, R
         assert "gateway_requests_total" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
 
 
+def test_a_key_from_the_environment_opens_the_gateway(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The shipped deployments' admin key: its secret in an environment variable, not its hash in the file.
+    monkeypatch.setenv("GW_TEST_ADMIN_KEY", KEY_ADMIN)
+    keys = [
+        {"name": "ops", "key_env": "GW_TEST_ADMIN_KEY", "admin": True},
+        {"name": "team-a", "sha256": hash_key(KEY_A)},
+    ]
+    with ThreadServer(Recorder().app()) as b, keyed_gateway(b.url, auth={"keys": keys}) as gw:
+        assert post(gw.url, None).status_code == 401 and post(gw.url, "GW_TEST_ADMIN_KEY").status_code == 401
+        assert post(gw.url, KEY_ADMIN).status_code == 200 and post(gw.url, KEY_A).status_code == 200
+        admin, team = ({"authorization": f"Bearer {k}"} for k in (KEY_ADMIN, KEY_A))
+        # stored comparisons and /metrics: the environment's key is the admin, the other is not
+        assert httpx.get(f"{gw.url}/v1/compare", headers=admin).status_code == 200
+        assert httpx.get(f"{gw.url}/v1/compare", headers=team).status_code == 403
+        assert httpx.get(f"{gw.url}/metrics", headers=admin).status_code == 200
+        assert httpx.get(f"{gw.url}/metrics", headers=team).status_code == 403
+
+
 def test_keys_and_prompts_never_reach_logs_or_metrics(caplog: pytest.LogCaptureFixture) -> None:
     secret_prompt = "my-secret-prompt-4f2a"
     body = {**PLAIN, "messages": [{"role": "user", "content": secret_prompt}]}
