@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import socket
 import time
 from collections.abc import Iterator
@@ -202,7 +203,10 @@ def test_gateway_ttft_and_tokens_agree_with_vllms_own(vllm: VllmStack) -> None:
 # not (about one call in five ran to the end even when sent straight to vLLM: issue #18). So the tests below time the
 # gateway's close of the upstream connection, seen by a TCP tee between the gateway and vLLM, and vLLM's own abort
 # is compared between the gateway and a direct client over several calls instead of being required every time.
-UPSTREAM_CLOSE_S = 0.5  # measured under 1 ms here; a missed close shows as seconds (vLLM's whole answer) or never
+# Measured under 1 ms here. The bound is wide because the test process itself (client, gateway and tee share it)
+# was seen descheduled for up to 0.8 s with three vLLM engines on 2 cores; a missed close shows as at least 4 s
+# (the pool's idle expiry, after vLLM's whole answer) or never.
+UPSTREAM_CLOSE_S = 1.5
 LONG = 1000  # tokens a call asks for: about 1.3 s of generation for the tiny models, with ignore_eos
 
 
@@ -321,33 +325,66 @@ def test_client_leaving_a_non_streaming_call_closes_the_upstream_connection(vllm
     idle(vllm, model)
 
 
-def tokens_made_by_a_call_left_early(vllm: VllmStack, url: str, model: str) -> float:
-    """Tokens vLLM generated for a ``LONG`` non-streaming call whose client gave up after 0.5 s."""
+def tokens_made_by_a_call_left_early(vllm: VllmStack, url: str, model: str) -> tuple[float, float]:
+    """A ``LONG`` non-streaming call whose client gives up after 0.5 s: (when the client really left, in seconds
+    after sending; tokens vLLM generated for it)."""
     idle(vllm, model)
     before = metric(scrape(vllm.direct[model]), "vllm:generation_tokens_total")
     body = {"model": model, "messages": MSG, "max_tokens": LONG, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{url}/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.5))
+    sent = time.monotonic()
+    try:
+        answer = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.5))
+        assert answer.status_code == 200, answer.text
+        left = math.inf  # the client's timer fired so late that the whole answer was there: it never left
+    except httpx.ReadTimeout:
+        left = time.monotonic() - sent
     idle(vllm, model)
     time.sleep(0.5)  # the counter comes with the engine's next stats
-    return metric(scrape(vllm.direct[model]), "vllm:generation_tokens_total") - before
+    return left, metric(scrape(vllm.direct[model]), "vllm:generation_tokens_total") - before
 
 
 def test_vllm_aborts_calls_left_through_the_gateway_about_as_often_as_calls_left_direct(vllm: VllmStack) -> None:
-    """Evidence that the close reaches vLLM: over 6 calls through the gateway and 6 straight to vLLM (alternating),
-    count those vLLM cut short. On this 2-core machine about 4 in 5 are cut either way (issue #18), never all: so
-    the test asks that some are cut through the gateway and not clearly fewer than direct (at most 4 fewer; the
-    chance of failing that by luck alone, at 4 in 5 each way, is about 1 in 2,000). A gateway that kept the
-    connection open would have none cut."""
+    """Evidence that the close reaches vLLM: calls alternately through the gateway and straight to vLLM, each left
+    by its client after 0.5 s, until 6 of each were left on time; count those vLLM cut short. On this 2-core machine
+    most are cut either way, not always all (issue #18): so the test asks that some are cut through the gateway
+    and not clearly fewer than direct (at most 4 fewer; by luck alone, at 4 in 5 each way, about 1 in 2,000). A
+    gateway that kept the connection open would have none cut.
+
+    "On time": the client's own 0.5 s timer can fire a second late when the machine is busy (the client and this
+    gateway share a process); by then vLLM may have finished the answer, which is then a 200, not an abort to
+    count. Such calls are left out of the comparison, and counted in the metrics check below."""
     model = "tiny-llama"
+    routes = {"gateway": vllm.url, "direct": vllm.direct[model]}
     made: dict[str, list[float]] = {"gateway": [], "direct": []}
-    for _ in range(6):
-        made["gateway"].append(tokens_made_by_a_call_left_early(vllm, vllm.url, model))
-        made["direct"].append(tokens_made_by_a_call_left_early(vllm, vllm.direct[model], model))
+    late = {"gateway": 0, "direct": 0}
+    before = scrape(vllm.url)
+    for _ in range(12):
+        if min(len(m) for m in made.values()) >= 6:
+            break
+        for route, url in routes.items():
+            left, tokens = tokens_made_by_a_call_left_early(vllm, url, model)
+            if left <= 0.9:  # 1,000 tokens take about 1.3 s here: vLLM was still generating
+                made[route].append(tokens)
+            else:
+                late[route] += 1
     cut = {route: sum(0 < m < LONG for m in runs) for route, runs in made.items()}
-    print(f"vLLM cut short: {cut} of 6 each; tokens made {made}")
+    print(f"vLLM cut short: {cut}; late clients {late}; tokens made {made}")
+    assert all(len(runs) >= 6 for runs in made.values()), f"the machine was too busy: clients late {late}"
     assert all(0 < m <= LONG for runs in made.values() for m in runs), made
     assert cut["gateway"] >= 1 and cut["gateway"] >= cut["direct"] - 4, made
-    gw = scrape(vllm.url)
-    assert metric(gw, "gateway_requests_in_flight", model=model) == 0
-    assert metric(gw, "gateway_requests_total", model=model, status="499") == 6
+    after = scrape(vllm.url)
+    assert metric(after, "gateway_requests_in_flight", model=model) == 0
+
+    def count(text: str, status: str) -> float:
+        try:
+            return metric(text, "gateway_requests_total", model=model, status=status)
+        except KeyError:  # no such call yet
+            return 0.0
+
+    def counted(status: str) -> float:
+        return count(after, status) - count(before, status)
+
+    calls = len(made["gateway"]) + late["gateway"]
+    # every call recorded once: 499 when the gateway saw its client leave first, 200 when vLLM's answer came first
+    assert counted("499") + counted("200") == calls
+    assert counted("499") >= cut["gateway"]  # vLLM cut a call short only because the gateway let it go
