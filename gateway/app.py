@@ -189,6 +189,9 @@ class FastPath:
 
 
 JSON_TYPES = (b"application/json", b"text/json")
+ADMITTED_BY_HANDLER = frozenset(
+    ("/v1/chat/completions", "/v1/completions", "/v1/compare/chat/completions", "/v1/compare/completions")
+)
 
 
 class Guard:
@@ -236,8 +239,9 @@ class Guard:
             return send
         if self.keyring.enabled:
             client = self.keyring.verify(_header(raw, b"authorization"))
-            limits = client.admit()
             scope["gateway.client"] = client
+            # Calls to models are admitted by their handler, once the body says what they may cost.
+            limits = None if scope["method"] == "POST" and path in ADMITTED_BY_HANDLER else client.admit()
             if limits:
                 send = _with_headers(send, [(k.encode(), v.encode()) for k, v in limits.items()])
         if scope["method"] == "POST":

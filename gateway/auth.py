@@ -5,9 +5,14 @@ config file does not leak a key. (A fast hash is enough for random keys: there i
 passwords.) The presented key's hash is compared with every configured hash in constant time, without an early
 exit. Keys, like prompts, never appear in logs or metric labels: the key's configured ``name`` does.
 
-Rate limits are token buckets refilled continuously: ``rpm`` requests and ``tpm`` tokens (prompt + completion,
-from the backend's usage, charged when a call ends) per minute. A request is admitted while both buckets are
-positive; one that is not gets 429 with ``Retry-After`` and OpenAI's ``x-ratelimit-*`` headers.
+Rate limits are token buckets refilled continuously: ``rpm`` requests and ``tpm`` tokens (prompt + completion) per
+minute. Tokens are *reserved* when a call is admitted, as the big API providers do: the call's possible cost (its
+prompt, estimated from the body's size, plus ``max_tokens`` or ``auth.reserve_completion_tokens``, times ``n``),
+at most a full bucket. When the call ends the reservation is settled against what it really used (the backend's
+usage; for a stream the client abandoned, the estimated prompt plus the token chunks it was sent), the difference
+refunded. So a burst of concurrent calls stays within about the budget, and a client that hangs up before the last
+token still pays for what it received. A fan-out to N models counts N requests and reserves for each.
+A call that does not fit gets 429 with ``Retry-After`` and OpenAI's ``x-ratelimit-*`` headers.
 """
 
 from __future__ import annotations
@@ -68,25 +73,35 @@ class Client:
             raise PermissionDenied(f"this API key may not use model `{model}`", param="model")
 
     def admit(self) -> dict[str, str]:
-        """Take one request from the buckets or raise RateLimited; returns the x-ratelimit-* headers."""
-        wait = 0.0
-        if self.requests is not None:
-            wait = max(wait, self.requests.wait_s(1.0))
-        if self.tokens is not None:
-            wait = max(wait, self.tokens.wait_s(1.0))
-        if wait > 0:
-            what = "requests" if self.requests is not None and self.requests.level < 1 else "tokens"
-            err = RateLimited(f"rate limit of key {self.name!r} reached ({what} per minute)", retry_after=wait)
+        """One request of a route that costs no tokens (``GET /v1/models``, say); returns the x-ratelimit-* headers."""
+        self.reserve(1, 0)
+        return self.headers()
+
+    def reserve(self, requests: int, tokens: int) -> int:
+        """Take ``requests`` from the request bucket and reserve ``tokens`` (at most a full bucket, so that any call
+        can run once the bucket is full) or raise RateLimited. Returns the tokens reserved: ``settle`` them."""
+        need_r = min(requests, self.requests.capacity) if self.requests is not None else 0
+        need_t = min(tokens, self.tokens.capacity) if self.tokens is not None else 0
+        wait_r = self.requests.wait_s(need_r) if self.requests is not None else 0.0
+        wait_t = self.tokens.wait_s(max(need_t, 1)) if self.tokens is not None else 0.0
+        if wait_r > 0 or wait_t > 0:
+            what = "requests" if wait_r >= wait_t else "tokens"
+            err = RateLimited(
+                f"rate limit of key {self.name!r} reached ({what} per minute)", retry_after=max(wait_r, wait_t)
+            )
             err.extra_headers = self.headers()
             raise err
         if self.requests is not None:
-            self.requests.level -= 1
-        return self.headers()
+            self.requests.level -= need_r
+        if self.tokens is not None:
+            self.tokens.level -= need_t
+        return need_t
 
-    def charge(self, tokens: int) -> None:
+    def settle(self, reserved: int, used: int) -> None:
+        """A call that reserved ``reserved`` tokens used ``used``: refund the difference (or charge the excess)."""
         if self.tokens is not None:
             self.tokens.refill()
-            self.tokens.level -= tokens
+            self.tokens.level = min(self.tokens.capacity, self.tokens.level + reserved - used)
 
     def headers(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -103,6 +118,7 @@ class Keyring:
     ) -> None:
         self.enabled = auth.enabled
         self.protect_metrics = auth.protect_metrics
+        self.reserve_completion_tokens = auth.reserve_completion_tokens
         self.clients: list[tuple[bytes, Client]] = []
         for key in auth.keys:
             if key.sha256 is None:  # parse_settings replaces key_env by the key's hash
@@ -111,6 +127,12 @@ class Keyring:
             if key.models is not None:
                 allowed = frozenset(m for m in (resolve(name) for name in key.models) if m is not None)
             self.clients.append((bytes.fromhex(key.sha256), Client(key, allowed, clock)))
+
+    def estimate(self, body_bytes: int, max_tokens: int | None, n: int = 1) -> int:
+        """A call's possible cost in tokens, reserved when it is admitted: its prompt (at most a token per 4 bytes of
+        body, about right for English; the reservation is settled against the real usage) plus ``n`` completions
+        of ``max_tokens`` (or ``auth.reserve_completion_tokens``)."""
+        return body_bytes // 4 + max(1, n) * (max_tokens or self.reserve_completion_tokens)
 
     def verify(self, authorization: str | None) -> Client:
         """The client presenting ``Authorization: Bearer <key>``, or Unauthorized."""

@@ -172,10 +172,24 @@ class AuthSection(Strict):
 
     keys: list[ApiKey] = Field(default_factory=list)
     protect_metrics: bool = Field(default=True, description="/metrics needs an admin key (unless on metrics_port)")
+    reserve_completion_tokens: Annotated[int, Field(ge=1)] = Field(
+        default=1024, description="tokens reserved against tpm for a call that sets no max_tokens"
+    )
 
     @property
     def enabled(self) -> bool:
         return bool(self.keys)
+
+
+class RequestLimits(Strict):
+    """Bounds on a request body, checked before it is fully parsed and validated (each a 400 naming it)."""
+
+    max_json_containers: Annotated[int, Field(ge=64, description="'{' and '[' bytes, strings included")] = 100_000
+    max_json_values: Annotated[int, Field(ge=64, description="',' bytes, strings included")] = 1_000_000
+    max_json_depth: Annotated[int, Field(ge=8, le=512)] = 64
+    max_messages: Annotated[int, Field(ge=1)] = 4096
+    max_content_parts: Annotated[int, Field(ge=1, description="over all messages")] = 4096
+    max_fanout_models: Annotated[int, Field(ge=1)] = 16
 
 
 class GatewaySection(Strict):
@@ -197,6 +211,7 @@ class GatewaySection(Strict):
     client_body_timeout_s: Annotated[float, Field(gt=0, description="longest silence in a request body (408)")] = 60.0
     keepalive_timeout_s: Annotated[float, Field(gt=0, description="an idle client connection is closed after")] = 5.0
     max_connections: Annotated[int, Field(ge=1, description="client connections; beyond, 503")] = 4096
+    request_limits: RequestLimits = RequestLimits()
     max_response_head_bytes: Annotated[int, Field(ge=1024, description="a larger backend response head: 502")] = (
         64 * 1024
     )

@@ -13,10 +13,11 @@ overcount by the batch size).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.auth import Client
@@ -25,11 +26,48 @@ from gateway.config import ModelCard
 from gateway.cost import gpu_usd_of_call, list_price_usd
 from gateway.errors import GatewayError, UpstreamStreamError
 from gateway.protocol import Endpoint, dump_json
-from gateway.proxy import Exchange, Recorder
+from gateway.proxy import CLIENT_CLOSED, Exchange, Recorder
 from gateway.store import CallResult
 from gateway.streaming import SSEFramer, StreamObserver
 
 OnEvent = Callable[[str, bytes], Awaitable[None]]  # (model, raw JSON of one vLLM chunk)
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """An API key's share of a fan-out: tokens reserved for one model's call, and its prompt's estimate."""
+
+    client: Client
+    reserved: int
+    prompt_estimate: int
+
+
+@dataclass(slots=True)
+class Answer:
+    """What a non-streaming answer is assembled from, kept while the stream passes: the first chunk's id,
+    creation time and model, the usage, the reasoning text. Nothing per chunk (the answer's text is the observer's):
+    a long answer costs its text, not its chunks."""
+
+    id: Any = None
+    created: Any = None
+    model: Any = None
+    usage: dict[str, Any] | None = None
+    reasoning: list[str] = field(default_factory=list)
+    chunks: int = 0
+
+    def take(self, chunk: dict[str, Any]) -> None:
+        if self.chunks == 0:
+            self.id, self.created, self.model = chunk.get("id"), chunk.get("created"), chunk.get("model")
+        self.chunks += 1
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
+        for choice in chunk.get("choices") or []:
+            if isinstance(choice, dict) and choice.get("index", 0) == 0 and isinstance(choice.get("delta"), dict):
+                delta = choice["delta"]
+                text = delta.get("reasoning_content") or delta.get("reasoning")
+                if text:
+                    self.reasoning.append(str(text))
 
 
 @dataclass(slots=True)
@@ -37,7 +75,7 @@ class Outcome:
     model: str
     backend: str | None
     observer: StreamObserver
-    chunks: list[dict[str, Any]]
+    answer: Answer
     error: dict[str, Any] | None  # an OpenAI error object's inner dict
     status: int
     cost_gpu_usd: float | None
@@ -92,33 +130,26 @@ def streaming_body(body: dict[str, Any], model: str) -> bytes:
 
 def assemble(outcome: Outcome, endpoint: Endpoint) -> dict[str, Any] | None:
     """A non-streaming response object built from the model's stream (id, model and usage are vLLM's)."""
-    if outcome.error is not None or not outcome.chunks:
+    answer = outcome.answer
+    if outcome.error is not None or not answer.chunks:
         return None
-    first = outcome.chunks[0]
     text = "".join(outcome.observer.text)
-    usage = next((c["usage"] for c in reversed(outcome.chunks) if isinstance(c.get("usage"), dict)), None)
     if endpoint == "chat":
-        reasoning = "".join(
-            str(ch["delta"].get("reasoning_content") or ch["delta"].get("reasoning") or "")
-            for c in outcome.chunks
-            for ch in c.get("choices") or []
-            if isinstance(ch, dict) and isinstance(ch.get("delta"), dict) and ch.get("index", 0) == 0
-        )
         message: dict[str, Any] = {"role": "assistant", "content": text}
-        if reasoning:
-            message["reasoning_content"] = reasoning
+        if answer.reasoning:
+            message["reasoning_content"] = "".join(answer.reasoning)
         choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": outcome.observer.finish_reason}
         kind = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "finish_reason": outcome.observer.finish_reason}
         kind = "text_completion"
     return {
-        "id": first.get("id"),
+        "id": answer.id,
         "object": kind,
-        "created": first.get("created"),
-        "model": first.get("model", outcome.model),
+        "created": answer.created,
+        "model": answer.model if answer.model is not None else outcome.model,
         "choices": [choice],
-        "usage": usage,
+        "usage": answer.usage,
     }
 
 
@@ -132,29 +163,40 @@ async def call_model(
     *,
     on_event: OnEvent | None = None,
     forward_usage: bool = False,
-    client: Client | None = None,
+    charge: Charge | None = None,
     queue: bool = True,
 ) -> Outcome:
-    """Stream one model's answer to ``body``; never raises for the model's own failure (it is the outcome)."""
+    """Stream one model's answer to ``body``; never raises for the model's own failure (it is the outcome). When
+    the task is cancelled (the client left), the call is recorded as 499 with what it had received, then the
+    cancellation goes on. ``charge``: the API key's tokens reserved for this call, settled when it ends."""
     model = card.id
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
-    ex = Exchange(request_id, endpoint, time.perf_counter(), model=model, card=card, client=client)
+    ex = Exchange(request_id, endpoint, time.perf_counter(), model=model, card=card)
+    if charge is not None:
+        ex.client, ex.reserved, ex.prompt_estimate = charge.client, charge.reserved, charge.prompt_estimate
     observer = StreamObserver(t0=ex.t0, keep_text=True)
-    chunks: list[dict[str, Any]] = []
+    answer = Answer()
     headers = {"content-type": "application/json", "x-request-id": request_id, "accept-encoding": "identity"}
     try:
         upstream = await pool.open(model, path, streaming_body(body, model), headers, stream=True, queue=queue)
     except GatewayError as err:
         if recorder:
             recorder.failed(ex, err.status)
-        return Outcome(model, None, observer, chunks, err.body()["error"], err.status, None, None)
+        elif charge is not None:
+            charge.client.settle(charge.reserved, 0)
+        return Outcome(model, None, observer, answer, err.body()["error"], err.status, None, None)
+    except asyncio.CancelledError:
+        if recorder:
+            recorder.failed(ex, CLIENT_CLOSED)
+        raise
     backend = upstream.backend
     ex.backend = backend.name
     series = pool.metrics.series(model, backend.name)
     series.in_flight.inc()
-    load = [backend.in_flight]
+    load_sum, load_n = backend.in_flight, 1  # requests the backend was serving, sampled at each read
     status = upstream.response.status_code
     error: dict[str, Any] | None = None
+    cancelled = False
     try:
         if status != 200:
             raw = b"".join([c async for c in iter_body(upstream)])
@@ -165,13 +207,17 @@ async def call_model(
         else:
             framer = SSEFramer()
             async for data in iter_body(upstream):
-                load.append(backend.in_flight)
+                load_sum, load_n = load_sum + backend.in_flight, load_n + 1
                 for event in framer.feed(data):
-                    usage_only = observer.observe(event)
-                    if event.data is None or event.data == "[DONE]":
+                    if event.data is None:
+                        continue
+                    if event.data == "[DONE]":
+                        observer.done = True
                         continue
                     chunk = json.loads(event.data)
-                    chunks.append(chunk)
+                    usage_only = observer.observe_obj(chunk)
+                    if isinstance(chunk, dict):
+                        answer.take(chunk)
                     if on_event is not None and (forward_usage or not usage_only) and observer.error is None:
                         await on_event(model, event.data.encode())
             if observer.error is not None:
@@ -179,6 +225,9 @@ async def call_model(
                 error, status = observer.error, 502
             elif not observer.done:
                 raise UpstreamStreamError(f"backend {backend.name} ended the stream without [DONE]")
+    except asyncio.CancelledError:
+        cancelled = True
+        raise
     except GatewayError as err:
         upstream.broke(err.upstream_reason or "bad_response")
         error, status = err.body()["error"], err.status
@@ -189,11 +238,13 @@ async def call_model(
         await close_upstream(upstream)
         upstream.release()
         series.in_flight.dec()
+        if cancelled and recorder:
+            recorder.finished(ex, CLIENT_CLOSED, e2e=None, usage=None, observer=observer)
     elapsed = time.perf_counter() - ex.t0
     usage = observer.usage if error is None else None
     per_hour = pool.settings.backend_cost_per_hour(backend.config)
-    gpu = gpu_usd_of_call(per_hour, elapsed, sum(load) / len(load)) if error is None else None
+    gpu = gpu_usd_of_call(per_hour, elapsed, load_sum / load_n) if error is None else None
     listed = list_price_usd(card.list_price, usage.prompt_tokens, usage.completion_tokens) if usage else None
     if recorder:
         recorder.finished(ex, 200 if error is None else status, e2e=observer.e2e, usage=usage, observer=observer)
-    return Outcome(model, backend.name, observer, chunks, error, status, gpu, listed if card.list_price else None)
+    return Outcome(model, backend.name, observer, answer, error, status, gpu, listed if card.list_price else None)

@@ -1,9 +1,15 @@
 """Wire models: strict on the few fields the gateway reads, ``extra="allow"`` on everything it forwards.
 
-The gateway reads ``model``, ``stream`` and ``stream_options`` and checks that a chat request has ``messages``
-and a completion request a ``prompt``. Every other field (``top_k``, ``guided_json``, ``chat_template_kwargs``,
-...) is vLLM's to validate and reaches it byte for byte: the body is re-serialised only when the gateway must
-change it (to ask for usage in a stream, or to replace an alias by the model id).
+The gateway reads ``model``, ``stream``, ``stream_options`` and ``max_tokens`` and checks that a chat request has
+``messages`` and a completion request a ``prompt``. Every other field (``top_k``, ``guided_json``,
+``chat_template_kwargs``, ...) is vLLM's to validate and reaches it byte for byte: the body is re-serialised only
+when the gateway must change it (to ask for usage in a stream, or to replace an alias by the model id).
+
+A body is decoded on the event loop, so its cost is bounded before it is parsed (:class:`RequestLimits`): a
+16 MiB body of ``[{},{},...]`` would otherwise become millions of Python objects (about 50x its size) and stall
+every stream for seconds. Brackets and commas are counted in the raw bytes first (a C-speed count that includes
+those inside strings, so it is an upper bound: never too low); then the parsed body's nesting depth, messages,
+content parts and fan-out models. Each limit has an OpenAI-shaped 400 that names it.
 """
 
 from __future__ import annotations
@@ -14,7 +20,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError, field_validator
 
+from gateway.config import RequestLimits
 from gateway.errors import InvalidRequest
+
+DEFAULT_LIMITS = RequestLimits()
 
 
 class StreamOptions(BaseModel):
@@ -54,10 +63,21 @@ class ParsedRequest:
     model: str
     stream: bool
     client_wants_usage: bool
+    max_tokens: int | None = None  # ``max_completion_tokens`` or ``max_tokens``, when the client set one
+    size: int = 0  # bytes of the body (an upper bound of its prompt's tokens: a reservation's estimate)
 
 
-def json_object(raw: bytes) -> dict[str, Any]:
+def _too_big(what: str, limit: int, name: str) -> InvalidRequest:
+    return InvalidRequest(f"request body has more than {limit} {what} (gateway.request_limits.{name})")
+
+
+def json_object(raw: bytes, limits: RequestLimits = DEFAULT_LIMITS) -> dict[str, Any]:
     """The request body as a JSON object, or InvalidRequest (400) saying what is wrong with it."""
+    brackets = raw.count(b"{") + raw.count(b"[")
+    if brackets > limits.max_json_containers:
+        raise _too_big("JSON objects and arrays ('{' and '[')", limits.max_json_containers, "max_json_containers")
+    if raw.count(b",") > limits.max_json_values:
+        raise _too_big("JSON values (',')", limits.max_json_values, "max_json_values")
     try:
         text = raw.decode("utf-8")  # strict: JSON exchanged between systems is UTF-8 (RFC 8259)
     except UnicodeDecodeError as exc:
@@ -67,17 +87,58 @@ def json_object(raw: bytes) -> dict[str, Any]:
     except ValueError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
-        raise InvalidRequest("request body is nested too deeply") from None
+        raise _too_big("levels of nesting", limits.max_json_depth, "max_json_depth") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
+    if brackets > limits.max_json_depth and _depth(body) > limits.max_json_depth:
+        raise _too_big("levels of nesting", limits.max_json_depth, "max_json_depth")
     return body
 
 
-def parse_request(raw: bytes, endpoint: Endpoint) -> ParsedRequest:
-    return parse_body(json_object(raw), endpoint)
+def _depth(value: Any) -> int:
+    """The nesting depth of a parsed JSON value (iterative: no recursion limit to hit)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
 
 
-def parse_body(body: dict[str, Any], endpoint: Endpoint) -> ParsedRequest:
+def parse_request(raw: bytes, endpoint: Endpoint, limits: RequestLimits = DEFAULT_LIMITS) -> ParsedRequest:
+    parsed = parse_body(json_object(raw, limits), endpoint, limits)
+    parsed.size = len(raw)
+    return parsed
+
+
+def _check_counts(body: dict[str, Any], limits: RequestLimits) -> None:
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return
+    if len(messages) > limits.max_messages:
+        raise _too_big("messages", limits.max_messages, "max_messages")
+    parts = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list))
+    if parts > limits.max_content_parts:
+        raise _too_big("content parts", limits.max_content_parts, "max_content_parts")
+
+
+def _max_tokens(body: dict[str, Any]) -> int | None:
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def parse_body(body: dict[str, Any], endpoint: Endpoint, limits: RequestLimits = DEFAULT_LIMITS) -> ParsedRequest:
+    _check_counts(body, limits)
     try:
         head = _MODELS[endpoint].model_validate(body)
     except ValidationError as exc:
@@ -90,6 +151,7 @@ def parse_body(body: dict[str, Any], endpoint: Endpoint) -> ParsedRequest:
         model=head.model,
         stream=bool(head.stream),
         client_wants_usage=bool(opts and opts.include_usage),
+        max_tokens=_max_tokens(body),
     )
 
 

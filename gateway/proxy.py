@@ -52,6 +52,9 @@ class Exchange:
     card: ModelCard | None = None
     pair_id: str | None = None  # set when shadow mirroring sampled this call
     client: Client | None = None  # the API key's client, when keys are configured (charged for tokens)
+    reserved: int = 0  # tokens reserved against the client's tpm when the call was admitted
+    prompt_estimate: int = 0  # the prompt's tokens as estimated at admission (charged if no usage ever comes)
+    limit_headers: dict[str, str] | None = None  # x-ratelimit-* for the response
 
 
 PairHook = Callable[[str, Exchange, int, float | None, Usage | None, StreamObserver | None], None]
@@ -64,6 +67,9 @@ class Recorder:
 
     def failed(self, ex: Exchange, status: int) -> None:
         self.metrics.requests_of(ex.model, ex.backend, ex.endpoint, status).inc()
+        if ex.client is not None and ex.reserved:  # no tokens came back; a client that left still sent its prompt
+            ex.client.settle(ex.reserved, ex.prompt_estimate if status == CLIENT_CLOSED else 0)
+            ex.reserved = 0
 
     def finished(
         self,
@@ -74,22 +80,36 @@ class Recorder:
         usage: Usage | None,
         observer: StreamObserver | None = None,
     ) -> None:
+        """Record a call that reached a backend. A stream the client abandoned (499) is still a measurement: its
+        TTFT and gaps, and the completion tokens it was sent (the backend's usage if it came, else the token chunks
+        relayed: a lower bound when a chunk carries several tokens) count in the metrics and against its key."""
         m = self.metrics
         m.requests_of(ex.model, ex.backend, ex.endpoint, status).inc()
         if ex.pair_id is not None and self.on_pair is not None:
             self.on_pair(ex.pair_id, ex, status, e2e, usage, observer)
-        if ex.client is not None and usage is not None:
-            ex.client.charge(usage.prompt_tokens + usage.completion_tokens)
-        if status != 200:
+        sent = None  # what a call that did not end well had delivered
+        if usage is None and observer is not None and observer.first_token is not None:
+            sent = observer.usage or Usage(0, observer.token_chunks)
+        if ex.client is not None:
+            charged = usage or sent
+            if charged is not None:
+                used = (charged.prompt_tokens or ex.prompt_estimate) + charged.completion_tokens
+            else:
+                used = ex.prompt_estimate if status == CLIENT_CLOSED else 0  # its prompt was sent, maybe prefilled
+            ex.client.settle(ex.reserved, used)
+        partial = status == CLIENT_CLOSED and sent is not None
+        if partial:
+            usage = sent
+        elif status != 200:
             return
         s = m.series(ex.model, ex.backend)
-        if e2e is not None:
+        if e2e is not None and status == 200:
             m.duration_of(ex.model, ex.backend, ex.endpoint).observe(e2e)
         if observer is not None:
             if observer.ttft is not None:
                 s.ttft.observe(observer.ttft)
             observe_all(s.itl, observer.gaps)
-            if observer.tpot is not None:
+            if observer.tpot is not None and status == 200:
                 s.tpot.observe(observer.tpot)
         if usage is not None:
             s.prompt_tokens.inc(usage.prompt_tokens)
@@ -105,6 +125,7 @@ def response_headers(ex: Exchange, content_type: str, extra: dict[str, str] | No
         "x-gateway-backend": ex.backend,
         "x-gateway-model": ex.model,
         **(extra or {}),
+        **(ex.limit_headers or {}),
     }
     return [(k.encode(), v.encode()) for k, v in headers.items()]
 

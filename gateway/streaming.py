@@ -171,6 +171,7 @@ class StreamObserver:
     error: dict[str, Any] | None = None
     finish_reason: str | None = None
     text: list[str] = field(default_factory=list)
+    token_chunks: int = 0  # chunks that carried tokens (each at least one)
 
     def observe_raw(self, raw: bytes, now: float | None = None) -> bool:
         """``observe`` for an event's bytes, as ``SSEFramer.feed_raw`` gives them (the relay's path)."""
@@ -213,6 +214,10 @@ class StreamObserver:
             obj = json.loads(data)
         except ValueError:
             return False
+        return self.observe_obj(obj, now)
+
+    def observe_obj(self, obj: Any, now: float | None = None) -> bool:
+        """``observe`` for an event's data already parsed (callers that need the object too parse it once)."""
         if not isinstance(obj, dict):
             return False
         if "error" in obj or obj.get("object") == "error":
@@ -235,6 +240,7 @@ class StreamObserver:
         return False
 
     def _token(self, t: float) -> None:
+        self.token_chunks += 1
         if self.first_token is None:
             self.first_token = t
         elif self.last_token is not None:

@@ -100,16 +100,18 @@ def test_requests_per_minute_limit() -> None:
         assert post(gw.url, KEY_B).status_code == 200  # other keys are not affected
 
 
-def test_tokens_per_minute_limit_charges_real_usage() -> None:
+def test_tokens_per_minute_limit_reserves_then_charges_real_usage() -> None:
     with ThreadServer(Recorder().app()) as b, keyed_gateway(b.url) as gw:
-        # 10 tokens a minute, each call uses 5 (from the backend's usage): two calls, then refused
-        answers = [post(gw.url, KEY_B) for _ in range(3)]
-        assert [r.status_code for r in answers] == [200, 200, 429]
-        assert answers[0].headers["x-ratelimit-remaining-tokens"] == "10"  # charged when the call ended
-        assert answers[1].headers["x-ratelimit-remaining-tokens"] == "5"
-        refused = answers[2]
+        # 10 tokens a minute. A call reserves its possible cost, at most a full bucket (here all 10: its prompt
+        # estimate plus max_tokens 3 is more), and is charged its real usage (5) when it ends: a second call finds
+        # 5 left, not enough to reserve 10, and is refused until the bucket refills.
+        answers = [post(gw.url, KEY_B) for _ in range(2)]
+        assert [r.status_code for r in answers] == [200, 429]
+        assert answers[0].headers["x-ratelimit-remaining-tokens"] == "0"  # all 10 reserved while it ran
+        refused = answers[1]
         assert "tokens per minute" in refused.json()["error"]["message"]
-        assert refused.headers["x-ratelimit-remaining-tokens"] == "0" and int(refused.headers["retry-after"]) >= 1
+        assert refused.headers["x-ratelimit-remaining-tokens"] == "5"  # 5 refunded: usage was 2 + 3
+        assert 1 <= int(refused.headers["retry-after"]) <= 31  # 5 more tokens take 30 s at 10 a minute
 
 
 def test_metrics_need_an_admin_key_or_move_to_their_own_port(keyed: tuple[str, Recorder]) -> None:

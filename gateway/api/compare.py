@@ -36,12 +36,13 @@ from gateway.errors import (
     ServerError,
     ShuttingDown,
 )
-from gateway.fanout import Outcome, assemble, call_model
-from gateway.protocol import Endpoint, json_object, openapi_body, parse_body
+from gateway.fanout import Charge, Outcome, assemble, call_model
+from gateway.protocol import Endpoint, ParsedRequest, json_object, openapi_body, parse_body
 from gateway.store import as_dict
 
 router = APIRouter()
 log = logging.getLogger("gateway.compare")
+QUEUE_EVENTS = 64  # events of a streaming fan-out waiting for its client, all models together
 
 
 def _models(gw: Gateway, body: dict[str, Any]) -> list[ModelCard]:
@@ -50,6 +51,11 @@ def _models(gw: Gateway, body: dict[str, Any]) -> list[ModelCard]:
         return list(gw.settings.models)
     if not isinstance(wanted, list) or not wanted or not all(isinstance(m, str) for m in wanted):
         raise InvalidRequest('models: a non-empty list of model names, or "all"', param="models")
+    limit = gw.settings.gateway.request_limits.max_fanout_models
+    if len(wanted) > limit:
+        raise InvalidRequest(
+            f"models: more than {limit} models (gateway.request_limits.max_fanout_models)", param="models"
+        )
     cards: dict[str, ModelCard] = {}
     for name in wanted:
         model = gw.pool.table.resolve(name)
@@ -59,13 +65,15 @@ def _models(gw: Gateway, body: dict[str, Any]) -> list[ModelCard]:
     return list(cards.values())
 
 
-def _parse(gw: Gateway, raw: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], list[ModelCard], bool, bool]:
-    body = json_object(raw)
+def _parse(gw: Gateway, raw: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], list[ModelCard], ParsedRequest]:
+    limits = gw.settings.gateway.request_limits
+    body = json_object(raw, limits)
     cards = _models(gw, body)
     # the rest must be a valid ordinary request (a placeholder model stands in for the list)
-    parsed = parse_body({**body, "model": cards[0].id}, endpoint)
+    parsed = parse_body({**body, "model": cards[0].id}, endpoint, limits)
+    parsed.size = len(raw)
     body.pop("model", None)
-    return body, cards, parsed.stream, parsed.client_wants_usage
+    return body, cards, parsed
 
 
 def _result(outcome: Outcome, endpoint: Endpoint) -> dict[str, Any]:
@@ -92,15 +100,24 @@ async def fanout(request: Request, endpoint: Endpoint) -> Response:
     gw: Gateway = request.app.state.gateway
     request_id = request_id_of(request)
     client: Client | None = request.scope.get("gateway.client")
+    charge: Charge | None = None
+    limit_headers: dict[str, str] = {}
     try:
-        body, cards, stream, wants_usage = _parse(gw, await request.body(), endpoint)
-        for card in cards:
-            if client is not None:
+        body, cards, parsed = _parse(gw, await request.body(), endpoint)
+        stream, wants_usage = parsed.stream, parsed.client_wants_usage
+        if client is not None:
+            for card in cards:
                 client.check_model(card.id)
+            # N models are N requests, each with its own possible cost
+            n = body.get("n")
+            reserved = gw.keyring.estimate(parsed.size, parsed.max_tokens, n if isinstance(n, int) else 1)
+            share = client.reserve(len(cards), reserved * len(cards))
+            charge = Charge(client, share // len(cards), parsed.size // 4)
+            limit_headers = client.headers()
     except GatewayError as err:
         return error_response(err, request_id)
     comparison_id = f"cmp-{uuid.uuid4().hex}"
-    headers = {"x-request-id": request_id, "x-comparison-id": comparison_id}
+    headers = {"x-request-id": request_id, "x-comparison-id": comparison_id, **limit_headers}
 
     def store(outcomes: list[Outcome]) -> None:
         gw.store.add(o.to_result(comparison_id, "fanout", gw.settings.card(o.model), True) for o in outcomes)
@@ -110,7 +127,7 @@ async def fanout(request: Request, endpoint: Endpoint) -> Response:
         async def everyone() -> list[Outcome]:
             return list(
                 await asyncio.gather(
-                    *(call_model(gw.pool, gw.recorder, c, endpoint, body, request_id, client=client) for c in cards)
+                    *(call_model(gw.pool, gw.recorder, c, endpoint, body, request_id, charge=charge) for c in cards)
                 )
             )
 
@@ -122,7 +139,7 @@ async def fanout(request: Request, endpoint: Endpoint) -> Response:
         return JSONResponse({"id": comparison_id, "object": "comparison", "results": results}, headers=headers)
 
     return StreamingResponse(
-        _stream(gw, cards, endpoint, body, request_id, comparison_id, wants_usage, store, client),
+        _stream(gw, cards, endpoint, body, request_id, comparison_id, wants_usage, store, charge),
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
     )
@@ -137,9 +154,11 @@ async def _stream(
     comparison_id: str,
     wants_usage: bool,
     store: Any,
-    client: Client | None,
+    charge: Charge | None,
 ) -> AsyncIterator[bytes]:
-    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    # Bounded: a client that reads slowly (or not at all) slows the models' reads down to its pace, through the
+    # relay's own back-pressure to each backend, instead of the gateway holding their answers in memory.
+    queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=QUEUE_EVENTS)
 
     async def on_event(model: str, chunk: bytes) -> None:
         head = json.dumps({"model": model, "type": "chunk"})[:-1].encode()
@@ -148,7 +167,7 @@ async def _stream(
     async def one(card: ModelCard) -> Outcome:
         outcome = await call_model(
             gw.pool, gw.recorder, card, endpoint, body, request_id, on_event=on_event, forward_usage=wants_usage,
-            client=client,
+            charge=charge,
         )  # fmt: skip
         result = _result(outcome, endpoint)
         del result["response"]

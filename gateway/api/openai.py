@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import re
@@ -22,6 +23,7 @@ from gateway.streaming import read_usage
 
 router = APIRouter()
 
+LARGE_BODY = 1024 * 1024  # bytes: above, the body's parse yields to other work first
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
 
 
@@ -83,14 +85,21 @@ async def proxy(gw: Gateway, request: Request, endpoint: Endpoint) -> Response:
     ex = Exchange(request_id_of(request), endpoint, request.scope.get("gateway.t0") or time.perf_counter())
     try:
         raw = await receive_body(request.receive)
-        parsed = parse_request(raw, endpoint)
+        if len(raw) > LARGE_BODY:
+            await asyncio.sleep(0)  # let the streams whose chunks are ready go first: parsing may take a while
+        parsed = parse_request(raw, endpoint, gw.settings.gateway.request_limits)
         model = gw.pool.table.resolve(parsed.model)
         if model is None:
             raise ModelNotFound(f"The model `{parsed.model}` does not exist.", param="model")
         ex.model, ex.card = model, gw.settings.card(model)
-        ex.client = request.scope.get("gateway.client")
-        if ex.client is not None:
-            ex.client.check_model(model)
+        client = ex.client = request.scope.get("gateway.client")
+        if client is not None:
+            client.check_model(model)
+            n = parsed.body.get("n")
+            estimate = gw.keyring.estimate(parsed.size, parsed.max_tokens, n if isinstance(n, int) else 1)
+            ex.reserved = client.reserve(1, estimate)
+            ex.prompt_estimate = parsed.size // 4
+            ex.limit_headers = client.headers()
         ex.pair_id = gw.mirror.maybe(ex, parsed.body, endpoint)
         headers = {
             "content-type": "application/json",
@@ -161,6 +170,7 @@ def _failed(gw: Gateway, ex: Exchange, err: GatewayError) -> JSONResponse:
     gw.recorder.failed(ex, err.status)
     response = error_response(err, ex.request_id)
     response.headers["x-gateway-backend"] = ex.backend
+    response.headers.update(ex.limit_headers or {})
     return response
 
 
