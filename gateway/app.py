@@ -189,11 +189,14 @@ class FastPath:
 
 
 JSON_TYPES = (b"application/json", b"text/json")
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/openapi.json"})  # FastAPI's, as create_app sets them
+UI_PATHS = frozenset({"/ui"})
 
 
 class Guard:
     """Pure ASGI middleware, before any handler: request head limits (431), API keys (401), per-key request rate
-    (429), JSON content type on /v1 POSTs (415), and who may read /metrics."""
+    (429), JSON content type on /v1 POSTs (415), and who may read /metrics. With keys on, /docs and /openapi.json
+    need a key unless ``auth.public_docs``, and the /ui page unless ``auth.public_ui``."""
 
     def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
         self.app = app
@@ -202,6 +205,11 @@ class Guard:
         self.max_headers, self.max_bytes = g.max_headers, g.max_header_bytes
         self.keyring = gateway.keyring
         self.metrics_elsewhere = g.metrics_port is not None
+        self.keyed_pages: frozenset[str] = frozenset()  # outside /v1/, the paths that need a key when keys are on
+        if not g.auth.public_docs:
+            self.keyed_pages |= DOCS_PATHS
+        if not g.auth.public_ui:
+            self.keyed_pages |= UI_PATHS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -233,6 +241,8 @@ class Guard:
                     raise PermissionDenied("reading /metrics needs an admin key")
             return send
         if not path.startswith("/v1/"):
+            if self.keyring.enabled and path in self.keyed_pages:
+                self.keyring.verify(_header(raw, b"authorization"))
             return send
         if self.keyring.enabled:
             client = self.keyring.verify(_header(raw, b"authorization"))

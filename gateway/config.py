@@ -161,6 +161,12 @@ class AuthSection(Strict):
 
     keys: list[ApiKey] = Field(default_factory=list)
     protect_metrics: bool = Field(default=True, description="/metrics needs an admin key (unless on metrics_port)")
+    public_docs: bool = Field(default=False, description="/docs and /openapi.json need no key")
+    public_ui: bool = Field(
+        default=True,
+        description="the /ui page needs no key (it holds no data; a browser cannot send one when opening a page, "
+        "and the page's own calls send the key typed into it)",
+    )
 
     @property
     def enabled(self) -> bool:

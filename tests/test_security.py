@@ -157,6 +157,26 @@ def test_models_list_shows_a_key_nothing_of_models_it_may_not_use() -> None:
         assert fetch_cards(gw.url) == {m["id"]: ModelCard.model_validate(m) for m in models}
 
 
+def test_docs_and_the_ui_page_follow_the_key_rules(keyed: tuple[str, Recorder], open_gateway: str) -> None:
+    url, _ = keyed
+    for path in ("/docs", "/openapi.json"):  # the API's shape is for clients that hold a key (public_docs: false)
+        r = httpx.get(f"{url}{path}")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+        assert httpx.get(f"{url}{path}", headers=bearer("gk-wrong")).status_code == 401
+        assert httpx.get(f"{url}{path}", headers=bearer(KEY_A)).status_code == 200
+    page = httpx.get(f"{url}/ui")  # the page shell holds no data; its calls carry the key (public_ui: true)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for path in ("/docs", "/openapi.json", "/ui"):  # keys off: open, as before
+        assert httpx.get(f"{open_gateway}{path}").status_code == 200
+    flipped = {"public_docs": True, "public_ui": False}
+    with ThreadServer(Recorder().app()) as b, keyed_gateway(b.url, auth=flipped) as gw:
+        assert httpx.get(f"{gw.url}/docs").status_code == 200
+        assert "/v1/chat/completions" in httpx.get(f"{gw.url}/openapi.json").json()["paths"]
+        r = httpx.get(f"{gw.url}/ui")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{gw.url}/ui", headers=bearer(KEY_A)).status_code == 200
+
+
 def test_requests_per_minute_limit() -> None:
     with ThreadServer(Recorder().app()) as b, keyed_gateway(b.url, rpm=3) as gw:
         answers = [post(gw.url, KEY_A) for _ in range(4)]

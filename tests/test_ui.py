@@ -24,6 +24,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
 from gateway.app import create_app
+from gateway.auth import hash_key
 from gateway.emulator import EmulatorConfig, create_emulator_app
 from tests.backends import Recorder
 from tests.conftest import card, settings_for
@@ -86,6 +87,22 @@ def gateway_url() -> Iterator[str]:
         )
         gateway = stack.enter_context(ThreadServer(create_app(settings)))
         yield gateway.url
+
+
+UI_KEY = "gk-ui-admin-0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def keyed_gateway_url() -> Iterator[str]:
+    """A gateway with API keys on (one admin key) in front of the fast emulator."""
+    with contextlib.ExitStack() as stack:
+        emulator = stack.enter_context(ThreadServer(create_emulator_app(FAST)))
+        settings = settings_for(
+            [{"name": "b-qwen3", "base_url": emulator.url, "models": [FAST.model]}],
+            [card(FAST.model, "qwen3", "Alibaba", "CN", emulated=True)],
+            auth={"keys": [{"name": "ui", "sha256": hash_key(UI_KEY), "admin": True}]},
+        )
+        yield stack.enter_context(ThreadServer(create_app(settings))).url
 
 
 @pytest.fixture(scope="module")
@@ -341,3 +358,37 @@ def test_sse_frames_split_anywhere_and_crlf(driver: WebDriver, gateway_url: str,
     assert llama.find_element(By.CLASS_NAME, "answer").text == "second\nline"
     assert llama.find_element(By.CLASS_NAME, "error").text == "boom"
     assert llama.get_attribute("data-state") == "error"
+
+
+def test_with_keys_on_the_page_asks_for_a_key_and_sends_it(driver: WebDriver, keyed_gateway_url: str) -> None:
+    driver.get(f"{keyed_gateway_url}/ui")  # the page itself needs no key (auth.public_ui)
+    banner = driver.find_element(By.ID, "banner")
+    wait(driver).until(lambda d: banner.is_displayed(), "no message about the missing key")
+    assert "needs an API key" in banner.text and "enter yours in the API key field" in banner.text
+    assert driver.find_element(By.ID, "models").text == "an API key is needed"
+    key = driver.find_element(By.ID, "api-key")
+    assert key.get_attribute("type") == "password"
+    assert driver.switch_to.active_element == key
+
+    key.send_keys("gk-wrong", Keys.ENTER)
+    wait(driver).until(lambda d: "refused this API key" in banner.text, "a wrong key was not reported")
+    key.clear()
+    driver.find_element(By.ID, "api-key").send_keys(UI_KEY)
+    driver.find_element(By.ID, "use-key").click()
+    wait(driver).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#models input[type=checkbox]")) == 1, "no models with the key"
+    )
+    assert not banner.is_displayed()
+    assert driver.execute_script("return sessionStorage.getItem('gateway-api-key')") == UI_KEY
+
+    driver.refresh()  # the key stays for this tab: the page works at once, stream and stored results included
+    wait(driver).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#models input")) == 1, "the key was lost")
+    driver.find_element(By.ID, "prompt").send_keys("hi")
+    driver.find_element(By.ID, "compare").click()
+    wait(driver).until(lambda d: d.find_element(By.ID, "status").text.startswith("done"), "the comparison failed")
+    assert len(col(driver, FAST.model).find_element(By.CLASS_NAME, "answer").text.split()) == FAST.output_tokens
+    wait(driver).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#recent li"), "no stored comparisons listed")
+    driver.find_element(By.CSS_SELECTOR, "#recent li").click()
+    wait(driver).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, '.model-col[data-source="stored"]'), "a stored comparison failed"
+    )
