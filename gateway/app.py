@@ -20,8 +20,9 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, start_http_server
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -275,6 +276,34 @@ def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
     return wrapped
 
 
+# What a cross-origin page may read of a response: the request id, and what to back off on.
+EXPOSED_HEADERS = (
+    "x-request-id",
+    "x-comparison-id",
+    "retry-after",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+)
+
+
+class Cors(CORSMiddleware):
+    """Starlette's CORS middleware (pure ASGI), with a refused preflight answered by an OpenAI error like every
+    other refusal (Starlette's own is plain text). A refused preflight carries no allow-origin header."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return response
+        what = bytes(response.body).decode().removeprefix("Disallowed CORS ")  # "origin", "method, headers", ...
+        refused = error_response(InvalidRequest(f"CORS preflight refused: {what} not allowed (gateway.cors_origins)"))
+        refused.headers.update(
+            {k: v for k, v in response.headers.items() if k.startswith("access-control-") or k == "vary"}
+        )
+        return refused
+
+
 def error_response(err: GatewayError, request_id: str | None = None) -> JSONResponse:
     headers = err.headers()
     if request_id:
@@ -385,16 +414,19 @@ def create_app(
 
     def outside(inner: ASGIApp) -> ASGIApp:
         """Our middlewares wrap FastAPI's whole stack (its error middleware included), so the hot routes pay for
-        nothing of FastAPI's: StampArrival, Guard, BodyLimit, CORS (when configured), FastPath, then FastAPI."""
-        app_: ASGIApp = FastPath(inner, gateway)
+        nothing of FastAPI's: StampArrival, CORS (when configured), Guard, BodyLimit, FastPath, then FastAPI.
+        CORS is outside Guard: a browser's preflight carries no key and must be answered, and the refusals
+        (401, 413, 429, ...) must carry the allow-origin header, or the page cannot read them."""
+        app_: ASGIApp = Guard(BodyLimit(FastPath(inner, gateway), settings.gateway.max_body_bytes), gateway)
         if settings.gateway.cors_origins:
-            app_ = CORSMiddleware(
+            app_ = Cors(
                 app_,
                 allow_origins=settings.gateway.cors_origins,
                 allow_methods=["GET", "POST"],
                 allow_headers=["authorization", "content-type", "x-request-id"],
+                expose_headers=EXPOSED_HEADERS,
             )
-        return StampArrival(Guard(BodyLimit(app_, settings.gateway.max_body_bytes), gateway))
+        return StampArrival(app_)
 
     app.wrap = outside
     return app

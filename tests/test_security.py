@@ -294,6 +294,48 @@ def test_cors_is_off_unless_configured(open_gateway: str) -> None:
         assert "access-control-allow-origin" not in r.headers
 
 
+def test_cors_with_keys_on_preflights_pass_and_refusals_carry_the_allow_origin() -> None:
+    origin = "https://ui.example"
+    with (
+        ThreadServer(Recorder().app()) as b,
+        keyed_gateway(b.url, rpm=1, cors_origins=[origin], max_body_bytes=1024) as gw,
+    ):
+        url = f"{gw.url}/v1/chat/completions"
+        asks = {"origin": origin, "access-control-request-method": "POST"}
+        asks["access-control-request-headers"] = "authorization, content-type, x-request-id"
+        r = httpx.options(url, headers=asks)  # a browser's preflight never carries the key
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        assert {"authorization", "content-type"} <= {
+            h.strip() for h in r.headers["access-control-allow-headers"].split(",")
+        }
+        assert "POST" in r.headers["access-control-allow-methods"]
+        r = httpx.options(url, headers={**asks, "origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
+
+        def call(key: str | None, body: dict[str, Any] = PLAIN, **kwargs: Any) -> httpx.Response:
+            headers = {"origin": origin, **bearer(key), **kwargs.pop("headers", {})}
+            return httpx.post(url, headers=headers, **({"json": body} | kwargs))
+
+        answers = {
+            401: call(None),  # the call itself still needs the key
+            403: call(KEY_A, {**PLAIN, "model": "m2"}),
+            429: call(KEY_A),  # team-a's one request a minute went on the 403
+            413: call(KEY_B, content=b"x" * 2000),
+            415: call(KEY_B, content=json.dumps(PLAIN).encode(), headers={"content-type": "text/plain"}),
+            431: call(KEY_B, headers={f"x-h{i}": "v" for i in range(120)}),
+            200: call(KEY_B),
+        }
+        for status, r in answers.items():
+            assert r.status_code == status, (status, r.text)
+            assert r.headers.get("access-control-allow-origin") == origin, status
+            exposed = {h.strip() for h in r.headers["access-control-expose-headers"].split(",")}
+            assert {"retry-after", "x-request-id", "x-ratelimit-remaining-requests"} <= exposed, status
+        assert answers[429].headers["retry-after"] and answers[200].headers["x-ratelimit-remaining-tokens"]
+        stranger = httpx.post(url, json=PLAIN, headers={"origin": "https://evil.example"})
+        assert stranger.status_code == 401 and "access-control-allow-origin" not in stranger.headers
+
+
 def test_keygen_prints_a_key_and_its_hash_entry() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "gateway", "keygen", "--name", "team-x", "--models", "m1,m2", "--rpm", "60"],
