@@ -20,8 +20,9 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry, start_http_server
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -192,11 +193,14 @@ JSON_TYPES = (b"application/json", b"text/json")
 ADMITTED_BY_HANDLER = frozenset(
     ("/v1/chat/completions", "/v1/completions", "/v1/compare/chat/completions", "/v1/compare/completions")
 )
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/openapi.json"})  # FastAPI's, as create_app sets them
+UI_PATHS = frozenset({"/ui"})
 
 
 class Guard:
     """Pure ASGI middleware, before any handler: request head limits (431), API keys (401), per-key request rate
-    (429), JSON content type on /v1 POSTs (415), and who may read /metrics."""
+    (429), JSON content type on /v1 POSTs (415), and who may read /metrics. With keys on, /docs and /openapi.json
+    need a key unless ``auth.public_docs``, and the /ui page unless ``auth.public_ui``."""
 
     def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
         self.app = app
@@ -205,6 +209,11 @@ class Guard:
         self.max_headers, self.max_bytes = g.max_headers, g.max_header_bytes
         self.keyring = gateway.keyring
         self.metrics_elsewhere = g.metrics_port is not None
+        self.keyed_pages: frozenset[str] = frozenset()  # outside /v1/, the paths that need a key when keys are on
+        if not g.auth.public_docs:
+            self.keyed_pages |= DOCS_PATHS
+        if not g.auth.public_ui:
+            self.keyed_pages |= UI_PATHS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -236,6 +245,8 @@ class Guard:
                     raise PermissionDenied("reading /metrics needs an admin key")
             return send
         if not path.startswith("/v1/"):
+            if self.keyring.enabled and path in self.keyed_pages:
+                self.keyring.verify(_header(raw, b"authorization"))
             return send
         if self.keyring.enabled:
             client = self.keyring.verify(_header(raw, b"authorization"))
@@ -267,6 +278,34 @@ def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
         await send(message)
 
     return wrapped
+
+
+# What a cross-origin page may read of a response: the request id, and what to back off on.
+EXPOSED_HEADERS = (
+    "x-request-id",
+    "x-comparison-id",
+    "retry-after",
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+)
+
+
+class Cors(CORSMiddleware):
+    """Starlette's CORS middleware (pure ASGI), with a refused preflight answered by an OpenAI error like every
+    other refusal (Starlette's own is plain text). A refused preflight carries no allow-origin header."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return response
+        what = bytes(response.body).decode().removeprefix("Disallowed CORS ")  # "origin", "method, headers", ...
+        refused = error_response(InvalidRequest(f"CORS preflight refused: {what} not allowed (gateway.cors_origins)"))
+        refused.headers.update(
+            {k: v for k, v in response.headers.items() if k.startswith("access-control-") or k == "vary"}
+        )
+        return refused
 
 
 def error_response(err: GatewayError, request_id: str | None = None) -> JSONResponse:
@@ -379,16 +418,19 @@ def create_app(
 
     def outside(inner: ASGIApp) -> ASGIApp:
         """Our middlewares wrap FastAPI's whole stack (its error middleware included), so the hot routes pay for
-        nothing of FastAPI's: StampArrival, Guard, BodyLimit, CORS (when configured), FastPath, then FastAPI."""
-        app_: ASGIApp = FastPath(inner, gateway)
+        nothing of FastAPI's: StampArrival, CORS (when configured), Guard, BodyLimit, FastPath, then FastAPI.
+        CORS is outside Guard: a browser's preflight carries no key and must be answered, and the refusals
+        (401, 413, 429, ...) must carry the allow-origin header, or the page cannot read them."""
+        app_: ASGIApp = Guard(BodyLimit(FastPath(inner, gateway), settings.gateway.max_body_bytes), gateway)
         if settings.gateway.cors_origins:
-            app_ = CORSMiddleware(
+            app_ = Cors(
                 app_,
                 allow_origins=settings.gateway.cors_origins,
                 allow_methods=["GET", "POST"],
                 allow_headers=["authorization", "content-type", "x-request-id"],
+                expose_headers=EXPOSED_HEADERS,
             )
-        return StampArrival(Guard(BodyLimit(app_, settings.gateway.max_body_bytes), gateway))
+        return StampArrival(app_)
 
     app.wrap = outside
     return app

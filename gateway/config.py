@@ -11,6 +11,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -118,6 +119,11 @@ class BackendConfig(Strict):
     def _url(cls, value: str) -> str:
         if not re.match(r"^https?://[^/\s]+", value):
             raise ValueError("must be an http:// or https:// URL")
+        if "@" in urlsplit(value).netloc:  # the message must not repeat the URL: it holds a secret
+            raise ValueError(
+                "must not hold credentials (user:password@): put the backend's key in an environment variable "
+                "and name it in api_key_env"
+            )
         return value.rstrip("/").removesuffix("/v1")
 
     def api_key(self) -> str | None:
@@ -174,6 +180,12 @@ class AuthSection(Strict):
     protect_metrics: bool = Field(default=True, description="/metrics needs an admin key (unless on metrics_port)")
     reserve_completion_tokens: Annotated[int, Field(ge=1)] = Field(
         default=1024, description="tokens reserved against tpm for a call that sets no max_tokens"
+    )
+    public_docs: bool = Field(default=False, description="/docs and /openapi.json need no key")
+    public_ui: bool = Field(
+        default=True,
+        description="the /ui page needs no key (it holds no data; a browser cannot send one when opening a page, "
+        "and the page's own calls send the key typed into it)",
     )
 
     @property
@@ -341,6 +353,36 @@ def _client_keys_from_env(settings: Settings, source: str) -> Settings:
     return settings.model_copy(update={"gateway": gateway})
 
 
+# A quoted piece of PyYAML's problem text: a character, a token name ('<block end>'), or text taken from the file.
+_QUOTED = re.compile(r"'[^'\n]*'|\"[^\"\n]*\"")
+
+
+def _unquote_file_text(text: str) -> str:
+    """PyYAML quotes names it read from the file (an alias, a tag, an anchor): they may be a secret that YAML took
+    for syntax (``password: *x...``), so only single characters and token names are kept."""
+
+    def keep(match: re.Match[str]) -> str:
+        inner = match.group()[1:-1]
+        return match.group() if len(inner) <= 2 or re.fullmatch(r"<[a-z ]+>", inner) else "'…'"
+
+    return _QUOTED.sub(keep, text)
+
+
+def _yaml_where(exc: yaml.YAMLError) -> str:
+    """Where and what, never the offending line itself (PyYAML's own message quotes it, and it may hold a secret)."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return ""
+    out = ""
+    if exc.problem_mark is not None:
+        out += f" at line {exc.problem_mark.line + 1}, column {exc.problem_mark.column + 1}"
+    if exc.problem:
+        out += f": {_unquote_file_text(exc.problem)}"
+    if exc.context and exc.context_mark is not None:
+        mark = exc.context_mark
+        out += f" ({_unquote_file_text(exc.context)} at line {mark.line + 1}, column {mark.column + 1})"
+    return out
+
+
 def load_settings(path: Path) -> Settings:
     try:
         text = path.read_text(encoding="utf-8")
@@ -349,7 +391,7 @@ def load_settings(path: Path) -> Settings:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid YAML{_yaml_where(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with 'backends' (and 'models', 'gateway') at the top")
     return parse_settings(data, str(path))

@@ -161,3 +161,38 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_discovered_cards_are_guessed_from_the_id(model_id: str, family: str, origin: str) -> None:
     card = guess_card(model_id)
     assert (card.family, card.origin) == (family, origin)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://admin:hunter2-s3cret@10.0.0.5:8000", "https://sk-live-s3cret@api.example/v1"],
+    ids=["user-pass", "token"],
+)
+def test_credentials_in_a_backend_url_are_refused_without_echoing_them(tmp_path: Path, url: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(write(tmp_path, GOOD.replace("http://127.0.0.1:9/v1/", url)))
+    message = str(info.value)
+    assert "backends[0].base_url" in message and "api_key_env" in message
+    assert "s3cret" not in message
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "line", "column", "problem"),
+    [
+        ("    api_key: sk-live-s3cret: x", 12, 28, "mapping values are not allowed here"),  # a second ':'
+        ("    token: *sk-live-s3cret", 12, 12, "found undefined alias"),  # PyYAML's own message names the alias
+        ("    token: !!python/name:sk-live-s3cret x", 12, 12, "could not determine a constructor for the tag"),
+        ("\ttoken: sk-live-s3cret", 12, 1, "found character '\\t' that cannot start any token"),
+    ],
+    ids=["mapping-value", "alias", "tag", "tab"],
+)
+def test_yaml_errors_name_line_and_column_but_not_the_text(
+    tmp_path: Path, bad_line: str, line: int, column: int, problem: str
+) -> None:
+    path = write(tmp_path, GOOD.rstrip("\n") + "\n" + bad_line + "\n")
+    assert path.read_text().splitlines()[line - 1] == bad_line
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    message = str(info.value)
+    assert "s3cret" not in message
+    assert message.startswith(f"{path}: not valid YAML at line {line}, column {column}: {problem}")

@@ -21,6 +21,8 @@ import yaml
 
 from gateway.app import create_app
 from gateway.auth import hash_key
+from gateway.compare import fetch_cards
+from gateway.config import ModelCard
 from gateway.emulator import EmulatorConfig, create_emulator_app
 from gateway.supervisor import free_port
 from tests.backends import Recorder
@@ -33,18 +35,34 @@ KEY_ADMIN = "gk-admin-00000000000000000000000000000000"
 PLAIN = {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
 
-def keyed_gateway(backend_url: str, rpm: int = 1000, **section: Any) -> ThreadServer:
+def keyed_gateway(
+    backend_url: str,
+    rpm: int = 1000,
+    *,
+    auth: dict[str, Any] | None = None,
+    backend: str = "b",
+    models: list[dict[str, Any]] | None = None,
+    **section: Any,
+) -> ThreadServer:
+    """Keys: team-a (m1 only, ``rpm``), team-b (every model, 10 tokens a minute), ops (admin); ``auth`` adds to
+    or replaces them (``{"keys": []}``: keys off). One backend serves m1 and m2 (alias llama)."""
     keys = [
         {"name": "team-a", "sha256": hash_key(KEY_A), "models": ["m1"], "rpm": rpm},
         {"name": "team-b", "sha256": hash_key(KEY_B), "tpm": 10},
         {"name": "ops", "sha256": hash_key(KEY_ADMIN), "admin": True},
     ]
     settings = settings_for(
-        [{"name": "b", "base_url": backend_url, "models": ["m1", "m2"]}],
-        [card("m1", "qwen3", "Alibaba", "CN", aliases=[]), card("m2", "llama", "Meta", "US", aliases=["llama"])],
-        **{"auth": {"keys": keys}, **section},
+        [{"name": backend, "base_url": backend_url, "models": ["m1", "m2"]}],
+        models
+        or [card("m1", "qwen3", "Alibaba", "CN", aliases=[]), card("m2", "llama", "Meta", "US", aliases=["llama"])],
+        auth={"keys": keys, **(auth or {})},
+        **section,
     )
     return ThreadServer(create_app(settings))
+
+
+def bearer(key: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"} if key else {}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +104,77 @@ def test_a_key_sees_and_uses_only_its_models(keyed: tuple[str, Recorder]) -> Non
         assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
     assert httpx.get(f"{url}/v1/compare", headers={"authorization": f"Bearer {KEY_A}"}).status_code == 403
     assert httpx.get(f"{url}/v1/compare", headers={"authorization": f"Bearer {KEY_ADMIN}"}).status_code == 200
+
+
+def test_ready_says_only_ready_or_not_without_an_admin_key() -> None:
+    with ThreadServer(Recorder().app()) as b, keyed_gateway(b.url, backend="gpu-rack-7") as gw:
+        for key in (None, KEY_A, "gk-not-a-key"):  # a probe needs no key; a wrong one is not refused either
+            r = httpx.get(f"{gw.url}/ready", headers=bearer(key))
+            assert r.status_code == 200 and r.json() == {"ready": True, "draining": False}
+        full = httpx.get(f"{gw.url}/ready", headers=bearer(KEY_ADMIN)).json()
+        assert full == {
+            "ready": True,
+            "draining": False,
+            "models": {"m1": True, "m2": True},
+            "backends": {"gpu-rack-7": True},
+        }
+        app: Any = gw.server.config.app
+        app.state.gateway.draining = True
+        r = httpx.get(f"{gw.url}/ready", headers=bearer(KEY_B))
+        assert r.status_code == 503 and r.json() == {"ready": False, "draining": True}
+    with ThreadServer(Recorder().app()) as b, keyed_gateway(b.url, auth={"keys": []}) as gw:  # keys off: as before
+        full = httpx.get(f"{gw.url}/ready").json()
+        assert full["models"] == {"m1": True, "m2": True} and full["backends"] == {"b": True}
+
+
+def test_models_list_shows_a_key_nothing_of_models_it_may_not_use() -> None:
+    mirrored = card("m1", "qwen3", "Alibaba", "CN", aliases=[], mirror={"to": ["m2"], "fraction": 0.0})
+    models = [mirrored, card("m2", "llama", "Meta", "US", aliases=["llama"])]
+    with ThreadServer(Recorder().app()) as b, keyed_gateway(b.url, backend="gpu-rack-7", models=models) as gw:
+
+        def listed(key: str) -> list[dict[str, Any]]:
+            r = httpx.get(f"{gw.url}/v1/models", headers=bearer(key))
+            assert r.status_code == 200
+            data: list[dict[str, Any]] = r.json()["data"]
+            return data
+
+        team_a = listed(KEY_A)  # m1 only: nothing may name m2 (its id, its alias, a mirror target) or a backend
+        assert [m["id"] for m in team_a] == ["m1"]
+        for hidden in ("m2", "llama", "gpu-rack-7"):
+            assert hidden not in json.dumps(team_a), hidden
+        assert team_a[0]["card"]["mirror"] is None and team_a[0]["card"]["list_price"] == mirrored["list_price"]
+        team_b = listed(KEY_B)  # every model, not an admin: the mirror target is one of its models; no backends
+        assert [m["id"] for m in team_b] == ["m1", "m2"] and team_b[0]["card"]["mirror"]["to"] == ["m2"]
+        assert "gpu-rack-7" not in json.dumps(team_b)
+        admin = listed(KEY_ADMIN)
+        assert admin[0]["backends"] == ["gpu-rack-7"] and admin[0]["card"]["mirror"]["to"] == ["m2"]
+    with (
+        ThreadServer(Recorder().app()) as b,
+        keyed_gateway(b.url, backend="gpu-rack-7", models=models, auth={"keys": []}) as gw,
+    ):  # keys off: everything, as `gateway compare` reads it
+        data = httpx.get(f"{gw.url}/v1/models").json()["data"]
+        assert [m["backends"] for m in data] == [["gpu-rack-7"], ["gpu-rack-7"]]
+        assert fetch_cards(gw.url) == {m["id"]: ModelCard.model_validate(m) for m in models}
+
+
+def test_docs_and_the_ui_page_follow_the_key_rules(keyed: tuple[str, Recorder], open_gateway: str) -> None:
+    url, _ = keyed
+    for path in ("/docs", "/openapi.json"):  # the API's shape is for clients that hold a key (public_docs: false)
+        r = httpx.get(f"{url}{path}")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", path
+        assert httpx.get(f"{url}{path}", headers=bearer("gk-wrong")).status_code == 401
+        assert httpx.get(f"{url}{path}", headers=bearer(KEY_A)).status_code == 200
+    page = httpx.get(f"{url}/ui")  # the page shell holds no data; its calls carry the key (public_ui: true)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for path in ("/docs", "/openapi.json", "/ui"):  # keys off: open, as before
+        assert httpx.get(f"{open_gateway}{path}").status_code == 200
+    flipped = {"public_docs": True, "public_ui": False}
+    with ThreadServer(Recorder().app()) as b, keyed_gateway(b.url, auth=flipped) as gw:
+        assert httpx.get(f"{gw.url}/docs").status_code == 200
+        assert "/v1/chat/completions" in httpx.get(f"{gw.url}/openapi.json").json()["paths"]
+        r = httpx.get(f"{gw.url}/ui")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{gw.url}/ui", headers=bearer(KEY_A)).status_code == 200
 
 
 def test_requests_per_minute_limit() -> None:
@@ -223,6 +312,49 @@ def test_cors_is_off_unless_configured(open_gateway: str) -> None:
         assert r.headers["access-control-allow-origin"] == "https://ui.example"
         r = httpx.options(f"{gw.url}/v1/chat/completions", headers=preflight)
         assert "access-control-allow-origin" not in r.headers
+
+
+def test_cors_with_keys_on_preflights_pass_and_refusals_carry_the_allow_origin() -> None:
+    origin = "https://ui.example"
+    with (
+        ThreadServer(Recorder().app()) as b,
+        keyed_gateway(b.url, rpm=1, cors_origins=[origin], max_body_bytes=1024) as gw,
+    ):
+        url = f"{gw.url}/v1/chat/completions"
+        asks = {"origin": origin, "access-control-request-method": "POST"}
+        asks["access-control-request-headers"] = "authorization, content-type, x-request-id"
+        r = httpx.options(url, headers=asks)  # a browser's preflight never carries the key
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == origin
+        assert {"authorization", "content-type"} <= {
+            h.strip() for h in r.headers["access-control-allow-headers"].split(",")
+        }
+        assert "POST" in r.headers["access-control-allow-methods"]
+        r = httpx.options(url, headers={**asks, "origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in r.headers
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
+
+        def call(key: str | None, body: dict[str, Any] = PLAIN, **kwargs: Any) -> httpx.Response:
+            headers = {"origin": origin, **bearer(key), **kwargs.pop("headers", {})}
+            return httpx.post(url, headers=headers, **({"json": body} | kwargs))
+
+        assert call(KEY_A).status_code == 200  # team-a's one request a minute
+        answers = {
+            401: call(None),  # the call itself still needs the key
+            403: call(KEY_A, {**PLAIN, "model": "m2"}),  # refused before admission: costs no request
+            429: call(KEY_A),  # the minute's request is spent
+            413: call(KEY_B, content=b"x" * 2000),
+            415: call(KEY_B, content=json.dumps(PLAIN).encode(), headers={"content-type": "text/plain"}),
+            431: call(KEY_B, headers={f"x-h{i}": "v" for i in range(120)}),
+            200: call(KEY_B),
+        }
+        for status, r in answers.items():
+            assert r.status_code == status, (status, r.text)
+            assert r.headers.get("access-control-allow-origin") == origin, status
+            exposed = {h.strip() for h in r.headers["access-control-expose-headers"].split(",")}
+            assert {"retry-after", "x-request-id", "x-ratelimit-remaining-requests"} <= exposed, status
+        assert answers[429].headers["retry-after"] and answers[200].headers["x-ratelimit-remaining-tokens"]
+        stranger = httpx.post(url, json=PLAIN, headers={"origin": "https://evil.example"})
+        assert stranger.status_code == 401 and "access-control-allow-origin" not in stranger.headers
 
 
 def test_keygen_prints_a_key_and_its_hash_entry() -> None:

@@ -12,6 +12,7 @@ import itertools
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,13 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse
+from starlette.routing import Route
 
 from gateway.app import create_app
+from gateway.auth import hash_key
 from gateway.emulator import EmulatorConfig, create_emulator_app
 from tests.backends import Recorder
 from tests.conftest import card, settings_for
@@ -86,6 +92,38 @@ def gateway_url() -> Iterator[str]:
         )
         gateway = stack.enter_context(ThreadServer(create_app(settings)))
         yield gateway.url
+
+
+UI_KEY = "gk-ui-admin-0123456789abcdef0123456789abcdef"
+
+
+@dataclass
+class Keyed:
+    url: str  # a gateway with API keys on (one admin key, 1,000 requests a minute), in front of the fast emulator
+    friend: str  # a page on another loopback port, an origin in the gateway's cors_origins
+    stranger: str  # a page on a third port, an origin it does not list
+
+
+def page_server() -> ThreadServer:
+    async def page(request: Request) -> HTMLResponse:
+        return HTMLResponse("<!doctype html><title>elsewhere</title><p>another origin</p>")
+
+    return ThreadServer(Starlette(routes=[Route("/", page)]))
+
+
+@pytest.fixture(scope="module")
+def keyed() -> Iterator[Keyed]:
+    with contextlib.ExitStack() as stack:
+        emulator = stack.enter_context(ThreadServer(create_emulator_app(FAST)))
+        friend, stranger = stack.enter_context(page_server()), stack.enter_context(page_server())
+        settings = settings_for(
+            [{"name": "b-qwen3", "base_url": emulator.url, "models": [FAST.model]}],
+            [card(FAST.model, "qwen3", "Alibaba", "CN", emulated=True)],
+            auth={"keys": [{"name": "ui", "sha256": hash_key(UI_KEY), "admin": True, "rpm": 1000}]},
+            cors_origins=[friend.url],
+        )
+        gateway = stack.enter_context(ThreadServer(create_app(settings)))
+        yield Keyed(gateway.url, f"{friend.url}/", f"{stranger.url}/")
 
 
 @pytest.fixture(scope="module")
@@ -341,3 +379,64 @@ def test_sse_frames_split_anywhere_and_crlf(driver: WebDriver, gateway_url: str,
     assert llama.find_element(By.CLASS_NAME, "answer").text == "second\nline"
     assert llama.find_element(By.CLASS_NAME, "error").text == "boom"
     assert llama.get_attribute("data-state") == "error"
+
+
+def test_with_keys_on_the_page_asks_for_a_key_and_sends_it(driver: WebDriver, keyed: Keyed) -> None:
+    driver.get(f"{keyed.url}/ui")  # the page itself needs no key (auth.public_ui)
+    banner = driver.find_element(By.ID, "banner")
+    wait(driver).until(lambda d: banner.is_displayed(), "no message about the missing key")
+    assert "needs an API key" in banner.text and "enter yours in the API key field" in banner.text
+    assert driver.find_element(By.ID, "models").text == "an API key is needed"
+    key = driver.find_element(By.ID, "api-key")
+    assert key.get_attribute("type") == "password"
+    assert driver.switch_to.active_element == key
+
+    key.send_keys("gk-wrong", Keys.ENTER)
+    wait(driver).until(lambda d: "refused this API key" in banner.text, "a wrong key was not reported")
+    key.clear()
+    driver.find_element(By.ID, "api-key").send_keys(UI_KEY)
+    driver.find_element(By.ID, "use-key").click()
+    wait(driver).until(
+        lambda d: len(d.find_elements(By.CSS_SELECTOR, "#models input[type=checkbox]")) == 1, "no models with the key"
+    )
+    assert not banner.is_displayed()
+    assert driver.execute_script("return sessionStorage.getItem('gateway-api-key')") == UI_KEY
+
+    driver.refresh()  # the key stays for this tab: the page works at once, stream and stored results included
+    wait(driver).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#models input")) == 1, "the key was lost")
+    driver.find_element(By.ID, "prompt").send_keys("hi")
+    driver.find_element(By.ID, "compare").click()
+    wait(driver).until(lambda d: d.find_element(By.ID, "status").text.startswith("done"), "the comparison failed")
+    assert len(col(driver, FAST.model).find_element(By.CLASS_NAME, "answer").text.split()) == FAST.output_tokens
+    wait(driver).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#recent li"), "no stored comparisons listed")
+    driver.find_element(By.CSS_SELECTOR, "#recent li").click()
+    wait(driver).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, '.model-col[data-source="stored"]'), "a stored comparison failed"
+    )
+
+
+# A cross-origin call as a browser app makes it: JSON and a Bearer key, so the browser sends a preflight first.
+CROSS_ORIGIN_CALL = """
+const [url, key, done] = arguments;
+const headers = {"content-type": "application/json"};
+if (key) headers.authorization = "Bearer " + key;
+const body = JSON.stringify({model: "emu/qwen3", messages: [{role: "user", content: "hi"}], max_tokens: 4});
+fetch(url, {method: "POST", headers, body})
+  .then(async (r) => done({status: r.status, body: await r.json(),
+                           remaining: r.headers.get("x-ratelimit-remaining-requests")}))
+  .catch((e) => done({failed: String(e)}));
+"""
+
+
+def test_a_page_on_an_allowed_origin_calls_the_keyed_api(driver: WebDriver, keyed: Keyed) -> None:
+    url = f"{keyed.url}/v1/chat/completions"
+    driver.get(keyed.friend)
+    answer = driver.execute_async_script(CROSS_ORIGIN_CALL, url, UI_KEY)
+    assert answer.get("status") == 200, answer
+    assert answer["body"]["choices"][0]["message"]["content"]
+    assert str(answer["remaining"]).isdigit()  # an exposed header: without that the page would read null
+    refused = driver.execute_async_script(CROSS_ORIGIN_CALL, url, None)  # readable: the 401 carries CORS headers
+    assert refused.get("status") == 401 and refused["body"]["error"]["code"] == "invalid_api_key", refused
+    driver.get(keyed.stranger)
+    blocked = driver.execute_async_script(CROSS_ORIGIN_CALL, url, UI_KEY)
+    assert blocked == {"failed": "TypeError: Failed to fetch"}

@@ -16,6 +16,7 @@ from gateway.app import Gateway, error_response
 from gateway.asgi import ClientWatch, receive_body
 from gateway.auth import Client
 from gateway.backends import Upstream
+from gateway.config import ModelCard
 from gateway.errors import GatewayError, ModelNotFound, UpstreamBadResponse, status_reason
 from gateway.protocol import Endpoint, openapi_body, parse_request, upstream_body
 from gateway.proxy import CLIENT_CLOSED, Exchange, RelayResponse, read_upstream, response_headers
@@ -57,27 +58,39 @@ PATHS: dict[str, Endpoint] = {"/v1/chat/completions": "chat", "/v1/completions":
 
 @router.get("/v1/models")
 async def models(request: Request) -> dict[str, Any]:
+    """OpenAI's model list, with each model's card. A key with an allow-list sees only its models, and nothing
+    names another (a mirror target is left out); backend names are shown only to admin keys, or with keys off."""
     gw: Gateway = request.app.state.gateway
     client: Client | None = request.scope.get("gateway.client")
+    allowed = client.allowed if client is not None else None
+    full = client is None or client.key.admin
     data = []
     for card in gw.settings.models:
-        if client is not None and client.allowed is not None and card.id not in client.allowed:
+        if allowed is not None and card.id not in allowed:
             continue
-        data.append(
-            {
-                "id": card.id,
-                "object": "model",
-                "created": gw.started,
-                "owned_by": card.vendor,
-                "aliases": card.aliases,
-                "family": card.family,
-                "origin": card.origin,
-                "emulated": card.emulated,
-                "backends": list(gw.pool.table.backends_of(card.id)),
-                "card": card.model_dump(mode="json"),
-            }
-        )
+        entry: dict[str, Any] = {
+            "id": card.id,
+            "object": "model",
+            "created": gw.started,
+            "owned_by": card.vendor,
+            "aliases": card.aliases,
+            "family": card.family,
+            "origin": card.origin,
+            "emulated": card.emulated,
+        }
+        if full:
+            entry["backends"] = list(gw.pool.table.backends_of(card.id))
+        entry["card"] = card.model_dump(mode="json") if full else _card_for(card, allowed)
+        data.append(entry)
     return {"object": "list", "data": data}
+
+
+def _card_for(card: ModelCard, allowed: frozenset[str] | None) -> dict[str, Any]:
+    out = card.model_dump(mode="json")
+    if card.mirror is not None and allowed is not None:
+        to = [m for m in card.mirror.to if m in allowed]
+        out["mirror"] = {**out["mirror"], "to": to} if to else None
+    return out
 
 
 async def proxy(gw: Gateway, request: Request, endpoint: Endpoint) -> Response:
