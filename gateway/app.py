@@ -427,7 +427,9 @@ def create_app(
                 app_,
                 allow_origins=settings.gateway.cors_origins,
                 allow_methods=["GET", "POST"],
-                allow_headers=["authorization", "content-type", "x-request-id"],
+                # "*": whatever an allowed origin's client sends (the OpenAI SDKs add x-stainless-* headers); the
+                # origin is the trust decision, and the key is still checked on the call itself.
+                allow_headers=["*"],
                 expose_headers=EXPOSED_HEADERS,
             )
         return StampArrival(app_)

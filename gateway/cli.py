@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -84,6 +85,12 @@ def _compare_parser(sub: Any) -> None:
     p.add_argument("--repeat", type=int, default=1, help="times each prompt is sent to each model")
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens unless a prompt sets its own")
     p.add_argument("--baseline", help="model the others are compared with (default: the first US model)")
+    p.add_argument(
+        "--api-key-env",
+        default="GATEWAY_API_KEY",
+        help="environment variable holding the gateway's API key, when it has keys on (default GATEWAY_API_KEY; "
+        "never pass a key on the command line, where ps shows it)",
+    )
 
 
 def _keygen_parser(sub: Any) -> None:
@@ -241,9 +248,14 @@ def compare_run(args: argparse.Namespace) -> int:
     if args.concurrency < 1 or args.repeat < 1 or args.max_tokens < 1:
         print("error: --concurrency, --repeat and --max-tokens must be at least 1", file=sys.stderr)
         return 2
+    api_key = os.environ.get(args.api_key_env) or None
     try:
         prompts = compare.load_prompts(args.prompts)
-        listed = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+        answer = httpx.get(f"{url}/v1/models", timeout=10, headers=compare.auth_headers(api_key))
+        if answer.status_code == 401:
+            print(f"error: the gateway at {url} needs an API key: set {args.api_key_env}", file=sys.stderr)
+            return 2
+        listed = answer.json()["data"]
     except compare.PromptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -257,12 +269,12 @@ def compare_run(args: argparse.Namespace) -> int:
         print(f"error: unknown model(s) {', '.join(unknown)}; the gateway serves {', '.join(sorted(names))}")
         return 2
     models = list(dict.fromkeys(names[m] for m in wanted))
-    cards = compare.fetch_cards(url)
+    cards = compare.fetch_cards(url, api_key)
     total = len(models) * len(prompts) * args.repeat
     print(f"{len(prompts)} prompts x {len(models)} models x {args.repeat} -> {total} calls via {url}", flush=True)
     results = compare.run(
         url, models, prompts, max_tokens=args.max_tokens, concurrency=args.concurrency, repeat=args.repeat,
-        progress=compare.progress_bar,
+        progress=compare.progress_bar, api_key=api_key,
     )  # fmt: skip
     compare.add_list_cost(results, cards)
     args.out.mkdir(parents=True, exist_ok=True)

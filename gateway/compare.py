@@ -171,6 +171,7 @@ async def run_async(
     repeat: int = 1,
     comparison_id: str | None = None,
     progress: Callable[[int, int, int, float], None] | None = None,
+    api_key: str | None = None,
 ) -> list[CallResult]:
     """Every (prompt, repeat) to every model; at most ``concurrency`` calls at once, in prompt-major order so
     every model meets the same load."""
@@ -181,7 +182,7 @@ async def run_async(
     started = time.monotonic()
     timeout = httpx.Timeout(connect=5.0, read=300.0, write=30.0, pool=300.0)
     limits = httpx.Limits(max_connections=max(1, concurrency) + 4)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=auth_headers(api_key)) as client:
 
         async def one(prompt: Prompt, rep: int, model: str) -> None:
             async with gate:
@@ -199,9 +200,13 @@ def run(url: str, models: Sequence[str], prompts: Sequence[Prompt], **kwargs: An
     return asyncio.run(run_async(url, models, prompts, **kwargs))
 
 
-def fetch_cards(url: str) -> dict[str, ModelCard]:
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def fetch_cards(url: str, api_key: str | None = None) -> dict[str, ModelCard]:
     """The gateway's model cards, from its /v1/models."""
-    data = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+    data = httpx.get(f"{url}/v1/models", timeout=10, headers=auth_headers(api_key)).json()["data"]
     return {m["id"]: ModelCard.model_validate(m["card"]) for m in data if "card" in m}
 
 

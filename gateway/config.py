@@ -392,6 +392,8 @@ def load_settings(path: Path) -> Settings:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML{_yaml_where(exc)}") from None
+    except ValueError:  # a value PyYAML recognised but cannot build (a date like 2001-13-45): no text quoted either
+        raise ConfigError(f"{path}: not valid YAML: a value cannot be read (an impossible date or number?)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping with 'backends' (and 'models', 'gateway') at the top")
     return parse_settings(data, str(path))

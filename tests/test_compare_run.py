@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import csv
+import os
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
+from gateway.app import create_app
+from gateway.auth import hash_key
 from gateway.compare import BUILTIN, load_prompts
-from tests.conftest import Stack
-from tests.servers import REPO
+from gateway.emulator import EmulatorConfig, create_emulator_app
+from tests.conftest import Stack, card, settings_for
+from tests.servers import REPO, ThreadServer
 
 
 def gateway_compare(*args: str) -> subprocess.CompletedProcess[str]:
@@ -77,3 +81,25 @@ def test_prompt_files_accept_prompt_or_messages(tmp_path: Path) -> None:
     assert [(p.id, p.category, p.max_tokens) for p in prompts] == [("a", "mine", 5), ("p3", "", None)]
     assert prompts[1].messages[0]["role"] == "system"
     assert len(load_prompts("builtin")) == len(BUILTIN)
+
+
+def test_a_comparison_run_against_a_gateway_with_keys_takes_its_key_from_the_environment(tmp_path: Path) -> None:
+    key = "gk-compare-run-0123456789abcdef0123456789"
+    emulator = create_emulator_app(EmulatorConfig(model="m", ttft_ms=5, itl_ms=1, output_tokens=4))
+    with ThreadServer(emulator) as backend:
+        settings = settings_for(
+            [{"name": "b", "base_url": backend.url, "models": ["m"]}],
+            [card("m", "llama", "Meta", "US", aliases=[])],
+            auth={"keys": [{"name": "runner", "sha256": hash_key(key), "models": ["m"]}]},
+        )
+        with ThreadServer(create_app(settings)) as gw:
+            args = ["--gateway", gw.url, "--models", "all", "--out", str(tmp_path / "run"), "--max-tokens", "4"]
+            refused = gateway_compare(*args)
+            assert refused.returncode == 2 and "needs an API key: set GATEWAY_API_KEY" in refused.stderr
+            done = subprocess.run(
+                [sys.executable, "-m", "gateway", "compare", *args, "--api-key-env", "RUN_KEY"],
+                cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "RUN_KEY": key},
+            )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    calls = len(BUILTIN)
+    assert f"{calls}/{calls} calls, 0 errors" in done.stderr

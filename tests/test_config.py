@@ -196,3 +196,10 @@ def test_yaml_errors_name_line_and_column_but_not_the_text(
     message = str(info.value)
     assert "s3cret" not in message
     assert message.startswith(f"{path}: not valid YAML at line {line}, column {column}: {problem}")
+
+
+def test_a_yaml_value_that_cannot_be_built_is_a_config_error_without_its_text(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.rstrip("\n") + "\n    expires: 2001-13-45\n")  # a date PyYAML recognises, cannot build
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert str(info.value).startswith(f"{path}: not valid YAML") and "2001-13-45" not in str(info.value)

@@ -2,10 +2,15 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 
+from gateway.app import create_app
+from gateway.config import RequestLimits
 from gateway.errors import InvalidRequest
 from gateway.protocol import parse_request, upstream_body
+from tests.conftest import card, settings_for
+from tests.servers import ThreadServer
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -80,3 +85,50 @@ def test_alias_is_replaced_by_the_model_id() -> None:
 def test_completions_accept_token_ids_and_lists() -> None:
     for prompt in ("text", ["a", "b"], [1, 2, 3]):
         assert parse_request(raw({"model": "m", "prompt": prompt}), "completions").model == "m"
+
+
+def nested(depth: int) -> object:
+    value: object = "x"
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+SMALL = RequestLimits(
+    max_json_containers=100, max_json_values=200, max_json_depth=10, max_messages=5, max_content_parts=6
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "limit"),
+    [
+        ({**CHAT, "messages": [{"role": "user", "content": "x"}] * 6}, "max_messages"),
+        ({**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 7}]}, "max_content_parts"),
+        ({**CHAT, "extra": nested(12)}, "max_json_depth"),
+        ({**CHAT, "extra": [{}] * 101}, "max_json_containers"),
+        ({**CHAT, "extra": list(range(201))}, "max_json_values"),
+        (raw(CHAT)[:-1] + b', "extra": ' + b"[" * 2000 + b"]" * 2000 + b"}", "max_json_depth"),  # past recursion
+    ],
+    ids=["messages", "content-parts", "depth", "containers", "values", "deeper-than-recursion"],
+)
+def test_request_limits_are_400s_naming_the_limit(body: dict[str, object] | bytes, limit: str) -> None:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with pytest.raises(InvalidRequest) as info:  # the nesting past Python's recursion limit: under default limits
+        parse_request(data, "chat", RequestLimits() if isinstance(body, bytes) else SMALL)
+    assert f"gateway.request_limits.{limit}" in info.value.message
+    within = {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 6}] * 1}
+    assert parse_request(json.dumps({**within, "extra": nested(9)}).encode(), "chat", SMALL).model == "m"
+
+
+def test_a_fan_out_to_more_models_than_allowed_is_a_400_naming_the_limit() -> None:
+    models = [card(f"m{i}", "llama", "Meta", "US", aliases=[]) for i in range(3)]
+    settings = settings_for(
+        [{"name": "b", "base_url": "http://127.0.0.1:9", "models": [m["id"] for m in models]}],
+        models,
+        request_limits={"max_fanout_models": 2},
+    )
+    with ThreadServer(create_app(settings)) as gw:
+        body = {"models": ["m0", "m1", "m2"], "messages": [{"role": "user", "content": "hi"}]}
+        answer = httpx.post(f"{gw.url}/v1/compare/chat/completions", json=body)
+    assert answer.status_code == 400
+    assert "gateway.request_limits.max_fanout_models" in answer.json()["error"]["message"]
