@@ -17,6 +17,7 @@ failure here is a reproducible bug, not flakiness. Inputs that once broke the ga
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import traceback
@@ -271,9 +272,15 @@ def test_parse_arbitrary_json(endpoint: Endpoint, raw: bytes) -> None:
 def test_parse_wrong_types_in_known_fields(data: st.DataObject) -> None:
     endpoint: Endpoint = data.draw(st.sampled_from(["chat", "completions"]))
     body = data.draw(mutated(CHAT if endpoint == "chat" else COMPLETION))
-    parsed = parse_or_reject(data.draw(encoded(body)), endpoint)
+    raw = data.draw(encoded(body))
+    parsed = parse_or_reject(raw, endpoint)
+    # What the compare routes call on an already-decoded body: the object the bytes decode to. (Not ``body``
+    # itself: a surrogate pair drawn as two code points, "\ud800\udc00", is escaped by json.dumps and decoded back
+    # as one character, U+10000. Hypothesis found that example; which one it draws depends on the hash seed.)
+    with contextlib.suppress(ValueError):
+        body = json.loads(raw.decode("utf-8", "surrogatepass"))
     try:
-        direct = parse_body(body, endpoint)  # what the compare routes call on an already-decoded body
+        direct = parse_body(body, endpoint)
     except ClientError as err:
         check_rejection(err)
         # the bytes may be rejected where the object is not (invalid UTF-8), never the other way round
