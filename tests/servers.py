@@ -127,3 +127,20 @@ def histogram_quantile(text: str, name: str, q: float, **labels: str) -> float:
             return prev_bound + (bound - prev_bound) * (rank - prev_count) / max(count - prev_count, 1e-12)
         prev_bound, prev_count = bound, count
     return bounds[-1]
+
+
+@contextlib.contextmanager
+def emulator_process(model: str, **options: float) -> Iterator[str]:
+    """``gateway emulate`` as its own process (``ttft_ms=5`` becomes ``--ttft-ms 5``); yields its URL. For tests
+    that time streams: an emulator in the test's own process shares its interpreter lock with the test's threads."""
+    port = free_port()
+    flags = [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    url = f"http://127.0.0.1:{port}"
+    with cli("emulate", "--model", model, "--port", str(port), *flags, ready=f"{url}/health"):
+        yield url
+
+
+def python_process(script: str, *args: str) -> subprocess.Popen[str]:
+    """``script`` run by this Python in a process of its own (load that must not share the test's interpreter
+    lock); its standard output is captured as text."""
+    return subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO, stdout=subprocess.PIPE, text=True)

@@ -86,7 +86,9 @@ def test_overhead_guard(tmp_path: Path) -> None:
     assert gateway["rate"] >= 0.95 * stream["direct"]["rate"], r.stdout  # keeps up with direct
     assert gateway["cpu_us_per_chunk"] <= 80, r.stdout
     assert plain["gateway"]["cpu_us_per_request"] <= 400, r.stdout
-    assert gateway["added_ttft_ms_p50"] <= 5, r.stdout
+    # Measured +0.2 ms on a quiet machine, +10 and +14 ms at load average 6-9. A first chunk held until the next
+    # one (ITL 20 ms) would add 20.
+    assert gateway["added_ttft_ms_p50"] <= 15, r.stdout
 
 
 # -- the load generator's parser -----------------------------------------------------------------------------
