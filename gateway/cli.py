@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 
 from gateway.config import ConfigError, ServeEnv, Settings, guess_card, load_settings, parse_settings
-from gateway.supervisor import StartupError
-from gateway.vllm_cpu import SetupError
+from gateway.devstack.supervisor import StartupError
+from gateway.devstack.vllm_cpu import SetupError
 
 
 def _serve_parser(sub: Any) -> None:
@@ -200,7 +200,7 @@ def serve_workers(settings: Settings, host: str, port: int, args: argparse.Names
 def emulate(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway.emulator import EmulatorConfig, create_emulator_app
+    from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
 
     config = EmulatorConfig(
         model=args.model,
@@ -224,7 +224,7 @@ def emulate(args: argparse.Namespace) -> int:
 
 
 def up(args: argparse.Namespace) -> int:
-    from gateway import stack
+    from gateway.devstack import stack
 
     kind = args.backends
     default = kind == "vllm-cpu"
@@ -241,8 +241,9 @@ def up(args: argparse.Namespace) -> int:
 
 
 def compare_run(args: argparse.Namespace) -> int:
-    from gateway import compare, report
-    from gateway.store import Store
+    from gateway.compare import report
+    from gateway.compare import runs as compare
+    from gateway.compare.store import Store
 
     url = args.gateway.rstrip("/").removesuffix("/v1")
     if args.concurrency < 1 or args.repeat < 1 or args.max_tokens < 1:

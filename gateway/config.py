@@ -224,6 +224,9 @@ class GatewaySection(Strict):
     keepalive_timeout_s: Annotated[float, Field(gt=0, description="an idle client connection is closed after")] = 5.0
     max_connections: Annotated[int, Field(ge=1, description="client connections; beyond, 503")] = 4096
     request_limits: RequestLimits = RequestLimits()
+    relay_inline: bool = Field(
+        default=True, description="send plain token events from the upstream socket's callback (see gateway.relay)"
+    )
     max_response_head_bytes: Annotated[int, Field(ge=1024, description="a larger backend response head: 502")] = (
         64 * 1024
     )

@@ -60,8 +60,15 @@ def _refusal(err: GatewayError) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+IDLE, HEAD, BODY = 0, 1, 2  # what a connection is waiting for from its client: nothing (a request is being
+# answered, or none has begun), the rest of a head, the rest of a body
+
+
 class GuardedHttpTools(HttpToolsProtocol):
-    """uvicorn's httptools protocol with head-size, timeout and connection limits (see the module docstring)."""
+    """uvicorn's httptools protocol with head-size, timeout and connection limits (see the module docstring).
+
+    One timer per connection, moved lazily: a phase change only writes a deadline, and the timer, when it fires
+    early, re-arms itself for the deadline it finds (a request costs no timer creation or cancellation)."""
 
     def __init__(
         self,
@@ -74,7 +81,8 @@ class GuardedHttpTools(HttpToolsProtocol):
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self.limits = limits
-        self.in_head = True  # between requests, or reading a head
+        self.phase = IDLE
+        self.deadline = 0.0
         self.head_bytes = 0
         self.over_limit = False
         self.refused = False
@@ -85,39 +93,41 @@ class GuardedHttpTools(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.over_limit = len(self.connections) > self.limits.max_connections
-        self._arm(self.limits.header_timeout_s, self._head_timed_out)
+        self._expect(HEAD, self.limits.header_timeout_s)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self.phase = IDLE
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if self.refused:  # lingering: dropped, up to a point
             self.linger -= len(data)
             if self.linger <= 0:
-                self._disarm()
                 self.transport.close()
             return
-        if self.in_head:
-            if self.timer is None:  # the first byte of the next request on a kept-alive connection
-                self._arm(self.limits.header_timeout_s, self._head_timed_out)
+        phase = self.phase
+        if phase == BODY:
+            self.deadline = self.loop.time() + self.limits.body_timeout_s  # the body moved: the silence restarts
+        else:
+            if phase == IDLE:  # the first byte of the next request on a kept-alive connection
+                self._expect(HEAD, self.limits.header_timeout_s)
             self.head_bytes += len(data)
-        elif self.timer is not None:
-            self._arm(self.limits.body_timeout_s, self._body_timed_out)  # the body moved: the silence restarts
         super().data_received(data)
-        if self.in_head and self.head_bytes > self.limits.max_header_bytes and not self.refused:
+        if self.phase == HEAD and self.head_bytes > self.limits.max_header_bytes and not self.refused:
             limit = self.limits.max_header_bytes
             self._refuse(HeadersTooLarge(f"request head larger than {limit} bytes (gateway.max_header_bytes)"))
 
     # -- parser callbacks -----------------------------------------------------------------------------------------
     def on_headers_complete(self) -> None:
-        self.in_head = False
         self.head_bytes = 0
         if self.over_limit:
             limit = self.limits.max_connections
             self._refuse(TooManyConnections(f"the gateway is at its connection limit ({limit})", retry_after=1))
             return
-        self._arm(self.limits.body_timeout_s, self._body_timed_out)
+        self._expect(BODY, self.limits.body_timeout_s)
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
@@ -127,35 +137,36 @@ class GuardedHttpTools(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if self.refused:
             return
-        self._disarm()
-        self.in_head = True
+        self.phase = IDLE  # the request is whole: the client may wait as long as the answer takes
         super().on_message_complete()
 
     # -------------------------------------------------------------------------------------------------------------
-    def _arm(self, seconds: float, callback: Any) -> None:
-        self._disarm()
-        self.timer = self.loop.call_later(seconds, callback)
+    def _expect(self, phase: int, seconds: float) -> None:
+        self.phase = phase
+        self.deadline = self.loop.time() + seconds
+        if self.timer is None:
+            self.timer = self.loop.call_at(self.deadline, self._check)
 
-    def _disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+    def _check(self) -> None:
+        self.timer = None
+        if self.phase == IDLE or self.refused or self.transport.is_closing():
+            return
+        if self.loop.time() < self.deadline:
+            self.timer = self.loop.call_at(self.deadline, self._check)
+        elif self.phase == HEAD:
+            self._head_timed_out()
+        else:
+            self._body_timed_out()
 
     def _head_timed_out(self) -> None:
-        self.timer = None
-        if self.transport.is_closing() or self.refused:
-            return
         if self.head_bytes == 0:  # nothing of a request: just close, as for an idle keep-alive connection
             self.transport.close()
             return
         self._refuse(RequestTimeout(f"request head not received within {self.limits.header_timeout_s:g} s"))
 
     def _body_timed_out(self) -> None:
-        self.timer = None
-        if self.transport.is_closing() or self.refused:
-            return
         if self.flow.read_paused:  # the app is behind, not the client: wait for it
-            self._arm(self.limits.body_timeout_s, self._body_timed_out)
+            self._expect(BODY, self.limits.body_timeout_s)
             return
         cycle = self.cycle
         if cycle is not None and cycle.response_started:
@@ -171,15 +182,15 @@ class GuardedHttpTools(HttpToolsProtocol):
         once with unread bytes would make the kernel reset the connection, and the client could lose the answer."""
         log.info("refused a client connection: %s", err.message)
         self.refused = True
+        self.phase = IDLE
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.keep_alive = False
         self.transport.write(_refusal(err))
         if self.transport.can_write_eof():
             self.transport.write_eof()
             self.linger = LINGER_BYTES
-            self._arm(LINGER_S, self.transport.close)
+            self.loop.call_later(LINGER_S, self.transport.close)
         else:
-            self._disarm()
             self.transport.close()
 
 

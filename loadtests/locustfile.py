@@ -1,5 +1,5 @@
 """Locust load test for an OpenAI-compatible server (the gateway, or vLLM itself): streamed chat completions,
-timed per chunk with the gateway's own definitions (``gateway.streaming``), recorded per model.
+timed per chunk with the gateway's own definitions (``gateway.relay.sse``), recorded per model.
 
     locust -f loadtests/locustfile.py --headless --host http://127.0.0.1:8000 -u 10 -r 10 -t 30s --csv out/run
 
@@ -40,7 +40,7 @@ from locust.env import Environment
 from locust.runners import WorkerRunner
 from locust.stats import PERCENTILES_TO_REPORT, StatsCSV
 
-from gateway.streaming import SSEFramer, StreamObserver
+from gateway.relay.sse import SSEFramer, StreamObserver
 from loadtests import arrival
 from loadtests.workload import Size, Workload
 

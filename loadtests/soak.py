@@ -59,7 +59,7 @@ import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.supervisor import Child, StartupError, Supervisor, free_port, signals_as_keyboard_interrupt
+from gateway.devstack.supervisor import Child, StartupError, Supervisor, free_port, signals_as_keyboard_interrupt
 
 COMPLETE, ERROR, REJECTED, DISCONNECT, LOST = "complete", "error", "rejected", "disconnect", "lost"
 OUTCOMES = (COMPLETE, ERROR, REJECTED, DISCONNECT, LOST)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.compare import fetch_cards
+from gateway.compare.runs import fetch_cards
 from gateway.cost import gpu_usd_per_1m_output
 from loadtests.results import read_stats, read_summary
 

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.compare import Prompt, load_prompts
+from gateway.compare.runs import Prompt, load_prompts
 
 _WORDS = ("alpha", "bridge", "canal", "delta", "engine", "forest", "garden", "harbor", "island", "journey")
 

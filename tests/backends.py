@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from gateway.supervisor import free_port
+from gateway.devstack.supervisor import free_port
 
 
 @dataclass

@@ -8,7 +8,7 @@ import pytest
 
 from gateway.app import create_app
 from gateway.config import Settings, parse_settings
-from gateway.emulator import EmulatorConfig, create_emulator_app
+from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
 from tests.servers import ThreadServer
 
 FAMILIES = (

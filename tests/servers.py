@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import uvicorn
 
-from gateway.supervisor import free_port
+from gateway.devstack.supervisor import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from starlette.types import Message
 
-from gateway.asgi import send_now
+from gateway.relay.asgi import send_now
 
 
 def test_a_send_that_does_not_wait_finishes_at_once() -> None:

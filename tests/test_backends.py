@@ -7,8 +7,8 @@ import asyncio
 import httpx
 from prometheus_client import CollectorRegistry
 
-from gateway.backends import BackendPool
 from gateway.metrics import Metrics
+from gateway.relay.backends import BackendPool
 from tests.conftest import card, settings_for
 
 

@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.supervisor import free_port
+from gateway.devstack.supervisor import free_port
 from tests.servers import REPO, cli, histogram_quantile, metric
 
 

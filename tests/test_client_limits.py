@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import yaml
 
-from gateway.emulator import EmulatorConfig, create_emulator_app
-from gateway.supervisor import free_port
+from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
+from gateway.devstack.supervisor import free_port
 from tests.servers import ThreadServer, cli, emulator_process, python_process
 
 

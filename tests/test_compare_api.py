@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from gateway.app import create_app
-from gateway.emulator import EmulatorConfig, create_emulator_app
+from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
 from tests.backends import Recorder
 from tests.conftest import FAMILIES, Stack, card, settings_for
 from tests.servers import ThreadServer

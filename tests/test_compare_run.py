@@ -11,8 +11,8 @@ from pathlib import Path
 
 from gateway.app import create_app
 from gateway.auth import hash_key
-from gateway.compare import BUILTIN, load_prompts
-from gateway.emulator import EmulatorConfig, create_emulator_app
+from gateway.compare.runs import BUILTIN, load_prompts
+from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
 from tests.conftest import Stack, card, settings_for
 from tests.servers import REPO, ThreadServer
 

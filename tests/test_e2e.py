@@ -13,8 +13,8 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from gateway.app import create_app
-from gateway.emulator import EmulatorConfig, create_emulator_app
-from gateway.supervisor import free_port
+from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
+from gateway.devstack.supervisor import free_port
 from tests.backends import Recorder, SlamServer
 from tests.conftest import FAMILIES, Stack, card, settings_for
 from tests.servers import ThreadServer, metric

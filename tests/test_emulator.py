@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from gateway.emulator import EmulatorConfig, create_emulator_app
+from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
 from tests.servers import ThreadServer
 
 

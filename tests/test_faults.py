@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway import asgi
 from gateway.app import create_app
-from gateway.emulator import EmulatorConfig, create_emulator_app
+from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
+from gateway.relay import asgi
 from tests.backends import Die, Pause, Recorder
 from tests.conftest import card, settings_for
 from tests.servers import ThreadServer, metric
@@ -371,7 +371,7 @@ def test_a_reader_slower_than_the_backend_gets_every_byte_in_order(monkeypatch: 
     does not keep up, those sends must wait for its socket, later events queue behind them, and nothing is lost,
     reordered or duplicated."""
     waited: list[int] = []
-    send_now = asgi.send_now  # what gateway.proxy calls
+    send_now = asgi.send_now  # what gateway.relay.proxy calls
 
     def counting_send_now(send: Any, message: Any) -> Any:
         pending = send_now(send, message)
@@ -379,7 +379,7 @@ def test_a_reader_slower_than_the_backend_gets_every_byte_in_order(monkeypatch: 
             waited.append(1)
         return pending
 
-    monkeypatch.setattr("gateway.proxy.send_now", counting_send_now)
+    monkeypatch.setattr("gateway.relay.proxy.send_now", counting_send_now)
     # 16 MB, more than the sockets buffer, one event a millisecond: the relay task is idle when each arrives, so
     # the events are sent from the callback until the client's socket is full, then the task takes over.
     script = [chunk(f"{i:05d}" + "x" * 8000) for i in range(2000)]

@@ -36,7 +36,7 @@ from schemathesis.specs.openapi.checks import response_schema_conformance
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.app import create_app
-from gateway.emulator import EmulatorConfig, create_emulator_app
+from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
 from gateway.errors import ClientError
 from gateway.protocol import Endpoint, ParsedRequest, parse_body, parse_request, upstream_body
 from tests.conftest import card, settings_for

@@ -1,4 +1,4 @@
-"""The relay's HTTP/1.1 client (gateway.h1) against scripted raw-socket servers: a backend, or something in front
+"""The relay's HTTP/1.1 client (gateway.relay.h1) against scripted raw-socket servers: a backend, or something in front
 of one, that bends HTTP. The property at stake is that a pooled connection never hands one request's answer to
 the next (response desync), plus the caps and timeouts that keep a bad backend from exhausting the gateway."""
 
@@ -17,9 +17,9 @@ from typing import TypeVar
 import httpx
 import pytest
 
-from gateway import h1
 from gateway.app import create_app
-from gateway.supervisor import free_port
+from gateway.devstack.supervisor import free_port
+from gateway.relay import h1
 from tests.conftest import card, settings_for
 from tests.servers import ThreadServer
 

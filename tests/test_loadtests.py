@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from gateway.app import create_app
-from gateway.emulator import EmulatorConfig, create_emulator_app
-from gateway.supervisor import free_port
+from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
+from gateway.devstack.supervisor import free_port
 from loadtests import arrival
 from loadtests.results import cross_check, read_stats, read_summary
 from loadtests.sweep import LOCUSTFILE, sweep

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from gateway.app import create_app
-from gateway.emulator import EmulatorConfig, create_emulator_app
+from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
 from tests.backends import Recorder
 from tests.conftest import card, settings_for
 from tests.servers import ThreadServer, metric

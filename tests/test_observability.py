@@ -1,5 +1,5 @@
 """deploy/prometheus and deploy/grafana against the real thing: promtool accepts the config and rules, the
-committed dashboards are what gateway.dashboards generates, and a real Prometheus scraping a real gateway and
+committed dashboards are what gateway.tools.dashboards generates, and a real Prometheus scraping a real gateway and
 three emulators answers every recording rule and every dashboard query with series carrying the right labels."""
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import httpx
 import pytest
 import yaml
 
-from gateway import dashboards
 from gateway.app import create_app
-from gateway.emulator import EmulatorConfig, create_emulator_app
-from gateway.prom import prometheus_argv, wait_scraped
-from gateway.supervisor import free_port
+from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
+from gateway.devstack.prom import prometheus_argv, wait_scraped
+from gateway.devstack.supervisor import free_port
+from gateway.tools import dashboards
 from tests.conftest import card, settings_for
 from tests.servers import REPO, ThreadServer, stop_group, wait_http
 
@@ -66,9 +66,9 @@ def test_promtool_accepts_the_config_and_the_rules() -> None:
 def test_committed_dashboards_are_generated() -> None:
     for dashboard in dashboards.DASHBOARDS:
         path = GRAFANA_DIR / "dashboards" / dashboards.filename(dashboard)
-        assert path.exists(), f"{path} missing: run python -m gateway.dashboards --out deploy/grafana/dashboards"
+        assert path.exists(), f"{path} missing: run python -m gateway.tools.dashboards --out deploy/grafana/dashboards"
         assert path.read_text(encoding="utf-8") == dashboards.render(dashboard), (
-            f"{path} is stale: run python -m gateway.dashboards --out deploy/grafana/dashboards"
+            f"{path} is stale: run python -m gateway.tools.dashboards --out deploy/grafana/dashboards"
         )
     provisioned = yaml.safe_load((GRAFANA_DIR / "provisioning/datasources/prometheus.yml").read_text())
     assert provisioned["datasources"][0]["uid"] == dashboards.DATASOURCE["uid"]

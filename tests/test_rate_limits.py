@@ -15,7 +15,7 @@ import httpx
 
 from gateway.app import create_app
 from gateway.auth import hash_key
-from gateway.emulator import EmulatorConfig, create_emulator_app
+from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
 from tests.conftest import card, settings_for
 from tests.servers import ThreadServer, metric
 

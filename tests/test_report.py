@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from gateway.compare.report import ReportPaths, write_report
+from gateway.compare.store import COLUMNS, CallResult
 from gateway.config import Gpu, ListPrice, ModelCard
-from gateway.report import ReportPaths, write_report
-from gateway.store import COLUMNS, CallResult
 
 QWEN, DEEPSEEK, LLAMA = "tiny-qwen3", "tiny-deepseek", "tiny-llama"
 CARDS = {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.resilience import CircuitBreaker, RetryBudget, State
+from gateway.relay.resilience import CircuitBreaker, RetryBudget, State
 
 
 class Clock:

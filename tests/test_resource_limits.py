@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import yaml
 
-from gateway.supervisor import free_port
+from gateway.devstack.supervisor import free_port
 from tests.servers import cli, emulator_process, python_process
 from tests.test_client_limits import connect, rss_mb
 

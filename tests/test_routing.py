@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.routing import ModelTable, Replica, Router
+from gateway.relay.routing import ModelTable, Replica, Router
 
 
 def replicas(*spec: tuple[str, bool, int]) -> list[Replica]:

@@ -21,10 +21,10 @@ import yaml
 
 from gateway.app import create_app
 from gateway.auth import hash_key
-from gateway.compare import fetch_cards
+from gateway.compare.runs import fetch_cards
 from gateway.config import ModelCard
-from gateway.emulator import EmulatorConfig, create_emulator_app
-from gateway.supervisor import free_port
+from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
+from gateway.devstack.supervisor import free_port
 from tests.backends import Recorder
 from tests.conftest import card, settings_for
 from tests.servers import REPO, ThreadServer, cli

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from gateway.stats import (
+from gateway.compare.stats import (
     RESAMPLES,
     Paired,
     bootstrap_medians,
@@ -17,7 +17,7 @@ from gateway.stats import (
     percentile,
     summary,
 )
-from gateway.store import CallResult
+from gateway.compare.store import CallResult
 
 
 def call(model: str, prompt: str, ttft: float | None, *, repeat: int = 0, error: str | None = None) -> CallResult:

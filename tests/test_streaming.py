@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from gateway.streaming import Event, SSEFramer, StreamObserver
+from gateway.relay.sse import Event, SSEFramer, StreamObserver
 
 
 def chunk(content: str | None = None, *, role: bool = False, finish: str | None = None) -> bytes:

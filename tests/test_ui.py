@@ -30,7 +30,7 @@ from starlette.routing import Route
 
 from gateway.app import create_app
 from gateway.auth import hash_key
-from gateway.emulator import EmulatorConfig, create_emulator_app
+from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
 from tests.backends import Recorder
 from tests.conftest import card, settings_for
 from tests.servers import ThreadServer

@@ -13,8 +13,9 @@ import httpx
 import openai
 import pytest
 
-from gateway import compare, vllm_cpu
-from gateway.supervisor import free_port
+from gateway.compare import runs as compare
+from gateway.devstack import vllm_cpu
+from gateway.devstack.supervisor import free_port
 from tests.servers import REPO
 from tests.test_cli import Output, alive, descendants
 

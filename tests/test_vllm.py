@@ -20,10 +20,10 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from gateway import stack, vllm_cpu
 from gateway.app import create_app
 from gateway.config import Settings, load_settings
-from gateway.supervisor import Supervisor, free_port
+from gateway.devstack import stack, vllm_cpu
+from gateway.devstack.supervisor import Supervisor, free_port
 from tests.backends import TeeConn, TeeProxy
 from tests.conftest import card, settings_for
 from tests.servers import ThreadServer, metric

@@ -23,9 +23,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gateway.api.openai import request_id_of
-from gateway.app import Gateway, error_response
-from gateway.asgi import race_disconnect
+from gateway.api.responses import error_response
 from gateway.auth import Client
+from gateway.compare.fanout import Charge, Outcome, assemble, call_model
+from gateway.compare.store import as_dict
 from gateway.config import ModelCard
 from gateway.errors import (
     GatewayError,
@@ -36,12 +37,12 @@ from gateway.errors import (
     ServerError,
     ShuttingDown,
 )
-from gateway.fanout import Charge, Outcome, assemble, call_model
 from gateway.protocol import Endpoint, ParsedRequest, json_object, openapi_body, parse_body
-from gateway.store import as_dict
+from gateway.relay.asgi import race_disconnect
+from gateway.state import Gateway
 
 router = APIRouter()
-log = logging.getLogger("gateway.compare")
+log = logging.getLogger("gateway.api.compare")
 QUEUE_EVENTS = 64  # events of a streaming fan-out waiting for its client, all models together
 
 

@@ -12,15 +12,16 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from gateway.app import Gateway, error_response
-from gateway.asgi import ClientWatch, receive_body
+from gateway.api.responses import error_response
 from gateway.auth import Client
-from gateway.backends import Upstream
 from gateway.config import ModelCard
 from gateway.errors import GatewayError, ModelNotFound, UpstreamBadResponse, status_reason
 from gateway.protocol import Endpoint, openapi_body, parse_request, upstream_body
-from gateway.proxy import CLIENT_CLOSED, Exchange, RelayResponse, read_upstream, response_headers
-from gateway.streaming import read_usage
+from gateway.relay.asgi import ClientWatch, receive_body
+from gateway.relay.backends import Upstream
+from gateway.relay.proxy import CLIENT_CLOSED, Exchange, RelayResponse, read_upstream, response_headers
+from gateway.relay.sse import read_usage
+from gateway.state import Gateway
 
 router = APIRouter()
 
@@ -152,7 +153,8 @@ async def proxy(gw: Gateway, request: Request, endpoint: Endpoint) -> Response:
         return Response(status_code=CLIENT_CLOSED)
     upstream, content = result
     if content is None:
-        return RelayResponse(ex, upstream, gw.recorder, watch, strip_usage=not parsed.client_wants_usage)
+        inline = gw.settings.gateway.relay_inline
+        return RelayResponse(ex, upstream, gw.recorder, watch, strip_usage=not parsed.client_wants_usage, inline=inline)
     watch.close()
     done = time.perf_counter()
     status = upstream.response.status_code

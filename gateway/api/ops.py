@@ -6,9 +6,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.app import Gateway
 from gateway.errors import Unauthorized
 from gateway.metrics import exposition
+from gateway.state import Gateway
 
 router = APIRouter()
 

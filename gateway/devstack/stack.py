@@ -19,9 +19,10 @@ from typing import Any, Literal
 import httpx
 import yaml
 
-from gateway import compare, prom, vllm_cpu
+from gateway.compare import runs as compare
 from gateway.config import BackendConfig, Settings, load_settings
-from gateway.supervisor import (
+from gateway.devstack import prom, vllm_cpu
+from gateway.devstack.supervisor import (
     Child,
     StartupError,
     Supervisor,
@@ -31,7 +32,7 @@ from gateway.supervisor import (
     signals_as_keyboard_interrupt,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 Kind = Literal["emulated", "vllm-cpu"]
 DEFAULT_CONFIG: dict[str, Path] = {
     "emulated": REPO / "deploy" / "config.emulated.yaml",
@@ -185,7 +186,7 @@ def start_prometheus(opts: Options, settings: Settings, sup: Supervisor, run: Pa
 
 
 def run_comparison(url: str, settings: Settings, max_tokens: int, out: Path) -> None:
-    from gateway import report
+    from gateway.compare import report
 
     models = [c.id for c in settings.models]
     prompts = compare.builtin_prompts()

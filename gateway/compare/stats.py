@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.store import CallResult
+from gateway.compare.store import CallResult
 
 Metric = Literal["ttft_s", "tpot_s", "e2e_s", "output_tps"]
 METRICS: tuple[Metric, ...] = ("ttft_s", "tpot_s", "e2e_s", "output_tps")

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import anyio
 import httpx
 
-from gateway import h1
 from gateway.config import BackendConfig, Settings
 from gateway.errors import (
     GatewayError,
@@ -37,10 +36,11 @@ from gateway.errors import (
     status_reason,
 )
 from gateway.metrics import Metrics
-from gateway.resilience import CircuitBreaker, RetryBudget
-from gateway.routing import ModelTable, Replica, Router
+from gateway.relay import h1
+from gateway.relay.resilience import CircuitBreaker, RetryBudget
+from gateway.relay.routing import ModelTable, Replica, Router
 
-log = logging.getLogger("gateway.backends")
+log = logging.getLogger("gateway.relay.backends")
 
 
 class Backend:
@@ -70,7 +70,7 @@ class Backend:
             ),
             transport=transport,
         )
-        # Requests go through the relay's own HTTP/1.1 pool (gateway.h1); httpx serves the health checks.
+        # Requests go through the relay's own HTTP/1.1 pool (gateway.relay.h1); httpx serves the health checks.
         self.h1 = h1.Pool(config.base_url, max_connections=config.max_connections, connect_timeout=t.connect,
                           pool_timeout=t.pool, write_timeout=t.write, max_head=max_response_head_bytes)  # fmt: skip
         self.base_headers = {k: v for k, v in headers.items() if k != "user-agent"}

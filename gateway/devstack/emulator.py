@@ -37,8 +37,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from gateway.asgi import race_disconnect
 from gateway.metrics import E2E_BUCKETS, TTFT_BUCKETS
+from gateway.relay.asgi import race_disconnect
 
 EMULATOR = "vllm-emulator"
 WORDS = tuple(

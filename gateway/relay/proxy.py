@@ -18,6 +18,7 @@ without ``[DONE]`` is reported the same way: never a silent end that a client wo
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,17 +26,17 @@ from dataclasses import dataclass
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway.asgi import ClientWatch, send_now
 from gateway.auth import Client
-from gateway.backends import Upstream, close_upstream, read_body
 from gateway.config import ModelCard
 from gateway.cost import list_price_usd
 from gateway.errors import GatewayError, ShuttingDown, UpstreamStreamError
 from gateway.metrics import NO_BACKEND, NO_MODEL, Metrics, observe_all
 from gateway.protocol import Endpoint
-from gateway.streaming import SSEFramer, StreamObserver, Usage
+from gateway.relay.asgi import ClientWatch, send_now
+from gateway.relay.backends import Upstream, close_upstream, read_body
+from gateway.relay.sse import SSEFramer, StreamObserver, Usage
 
-log = logging.getLogger("gateway.proxy")
+log = logging.getLogger("gateway.relay.proxy")
 
 CLIENT_CLOSED = 499  # status label of a call the client abandoned (nginx's convention)
 
@@ -146,6 +147,7 @@ class RelayResponse(Response):
         *,
         strip_usage: bool,
         keep_text: bool = False,
+        inline: bool = True,
     ) -> None:
         self.ex = ex
         self.background = None
@@ -158,6 +160,8 @@ class RelayResponse(Response):
         self.framer = SSEFramer()
         self._send: Send | None = None
         self._sending: asyncio.Future[None] | None = None  # a send started by ``_inline`` that has not finished
+        self._inline_on = inline
+        self._context: contextvars.Context | None = None  # this call's, for the sends made from ``_inline``
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex, observer = self.ex, self.observer
@@ -218,7 +222,11 @@ class RelayResponse(Response):
         observer, strip, upstream, framer = self.observer, self.strip_usage, self.upstream, self.framer
         response = upstream.response
         self._send = send
-        response.inline = self._inline
+        if self._inline_on:
+            # _inline runs in the upstream connection's callbacks, whose context is that of the call that opened
+            # the (pooled) connection: its sends run in this call's own context instead.
+            self._context = contextvars.copy_context()
+            response.inline = self._inline
         try:
             while (data := await upstream.read()) is not None:
                 await self._sent()
@@ -258,7 +266,9 @@ class RelayResponse(Response):
             or not self.observer.observe_plain(data)
         ):
             return False
-        self._sending = send_now(self._send, {"type": "http.response.body", "body": data, "more_body": True})
+        message = {"type": "http.response.body", "body": data, "more_body": True}
+        assert self._context is not None
+        self._sending = self._context.run(send_now, self._send, message)
         return True
 
     async def _sent(self) -> None:

