@@ -4,7 +4,6 @@ task. Nothing is built at import time."""
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import time
@@ -38,7 +37,6 @@ from gateway.relay.proxy import Recorder
 from gateway.state import Gateway, drain_on_signals
 
 log = logging.getLogger("gateway.app")
-GC_GEN0_THRESHOLD = 20_000  # CPython's default is 700 (2,000 in 3.13)
 
 
 class GatewayApp(FastAPI):
@@ -54,8 +52,11 @@ class GatewayApp(FastAPI):
 def app_from_env() -> FastAPI:
     """The app of one ``gateway serve --workers N`` worker: the settings come from the parent in the environment."""
     from gateway.config import Settings
+    from gateway.server import tune_process
 
-    return create_app(Settings.model_validate_json(os.environ["GATEWAY_SETTINGS_JSON"]))
+    app = create_app(Settings.model_validate_json(os.environ["GATEWAY_SETTINGS_JSON"]))
+    tune_process()
+    return app
 
 
 def create_app(
@@ -81,11 +82,6 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await pool.start()
         drain_on_signals(gateway)
-        # Everything built so far lives as long as the process: keep it out of the collector's scans, and collect
-        # the young generation less often (a request allocates a few hundred short-lived objects).
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
         exporter = None
         if settings.gateway.metrics_port is not None:
             exporter, _ = start_http_server(settings.gateway.metrics_port, settings.gateway.host, metrics.registry)

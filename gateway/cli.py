@@ -142,7 +142,7 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.server import server_options
+    from gateway.server import server_options, tune_process
 
     env = ServeEnv()
     config = args.config or env.config
@@ -164,6 +164,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.workers > 1:
         return serve_workers(settings, host, port, args)
     app = create_app(settings)
+    tune_process()
     uvicorn.Server(uvicorn.Config(app, **server_options(settings, host, port, access_log=args.access_log))).run()
     return 0
 

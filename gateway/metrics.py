@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from gateway.config import Settings
 from gateway.errors import UPSTREAM_REASONS
@@ -100,7 +100,6 @@ def exposition(registry: CollectorRegistry) -> bytes:
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        disable_created_metrics()  # type: ignore[no-untyped-call]  # the *_created series double the exposition and nothing here reads them
         self.registry = registry
         mb = ("model", "backend")
         self.requests = Counter(

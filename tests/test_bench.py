@@ -20,6 +20,8 @@ from loadtests import benchreport as report
 from loadtests.benchclient import Answer, Connection, percentile
 from loadtests.benchtargets import REPO
 
+pytestmark = pytest.mark.slow  # left out of scripts/test.sh --quick
+
 
 def test_smoke_run_direct_and_gateway(tmp_path: Path) -> None:
     """Direct + gateway for real (short), and vllm-router from an empty peers directory without installing: a

@@ -57,6 +57,7 @@ def test_serve_discovers_models_from_backends() -> None:
         assert emu["owned_by"] == "vllm-emulator"  # the emulator never passes for a model
 
 
+@pytest.mark.slow
 def test_serve_with_workers_aggregates_metrics_and_stops_cleanly() -> None:
     e, gw = free_port(), free_port()
     url = f"http://127.0.0.1:{gw}"
@@ -90,6 +91,7 @@ def test_serve_with_workers_aggregates_metrics_and_stops_cleanly() -> None:
         assert not Path(metrics_dir).exists()  # its private metrics directory is removed
 
 
+@pytest.mark.slow
 def test_gateway_timing_matches_the_emulators_ttft_and_itl(tmp_path: Path) -> None:
     """The core issue's check: TTFT 200 ms / ITL 20 ms upstream -> the gateway measures 200 ms and 20 ms (the
     median in the bucket around each, the means close). Both run as separate processes, as deployed."""
@@ -133,6 +135,7 @@ def test_gateway_timing_matches_the_emulators_ttft_and_itl(tmp_path: Path) -> No
 
         before, results = asyncio.run(run())
         after = httpx.get(f"http://127.0.0.1:{gw}/metrics").text
+    assert "_created" not in after  # gateway serve turns prometheus-client's created series off (tune_process)
     labels = {"model": "m", "backend": "emu"}
 
     def delta(name: str, **extra: str) -> float:
@@ -225,6 +228,7 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 def test_up_serves_three_families_and_stops_everything(stop: signal.Signals) -> None:
     port = free_port()

@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 
 from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
 from gateway.devstack.supervisor import free_port
 from tests.servers import ThreadServer, cli, emulator_process, python_process
+
+pytestmark = pytest.mark.slow  # left out of scripts/test.sh --quick
 
 
 def rss_mb(pid: int) -> float:

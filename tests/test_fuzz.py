@@ -418,6 +418,7 @@ def test_valid_requests_succeed(api: Api) -> None:
         assert response.status_code == 200, response.text
 
 
+@pytest.mark.slow
 @HTTP
 @given(route_and_body=ROUTE_AND_BODY, content_type=CONTENT_TYPE, headers=HEADERS)
 def test_http_random_bodies(
@@ -429,6 +430,7 @@ def test_http_random_bodies(
     event(f"POST {path} -> {api.send('POST', path, body, headers)}")  # the spread shows in --hypothesis-show-statistics
 
 
+@pytest.mark.slow
 @HTTP
 @given(
     method=METHOD,
@@ -543,6 +545,7 @@ def openai_errors(
 openapi = schemathesis.pytest.from_fixture("gateway_schema")
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("node_id_shim")
 @openapi.parametrize()
 def test_openapi(case: schemathesis.Case[Any]) -> None:

@@ -21,6 +21,8 @@ from loadtests.workload import Size, Workload
 from tests.conftest import card, settings_for
 from tests.servers import REPO, ThreadServer
 
+pytestmark = pytest.mark.slow  # left out of scripts/test.sh --quick
+
 MODELS = ("emu/qwen3", "emu/llama")
 TTFT_MS, ITL_MS, TOKENS = 30, 5, 8
 

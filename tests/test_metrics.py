@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import gc
+
+import httpx
 from prometheus_client import CollectorRegistry, generate_latest
 
+from gateway.app import create_app
 from gateway.config import parse_settings
 from gateway.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, Metrics, observe_all
 from tests.conftest import card
-from tests.servers import metric
+from tests.servers import ThreadServer, metric
 
 VLLM_TTFT = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10, 20, 40, 80,
              160, 640, 2560]  # fmt: skip
@@ -28,7 +32,11 @@ def test_observe_all_equals_observing_one_value_at_a_time() -> None:
         one.series("m", "b").itl.observe(value)
     observe_all(batched.series("m", "b").itl, values)
     observe_all(batched.series("m", "b").itl, [])
-    assert generate_latest(batched.registry) == generate_latest(one.registry)
+
+    def exposition(metrics: Metrics) -> list[str]:  # without the creation times, which differ between the two
+        return [x for x in generate_latest(metrics.registry).decode().splitlines() if "_created" not in x]
+
+    assert exposition(batched) == exposition(one)
     assert metric(
         generate_latest(batched.registry).decode(), "gateway_inter_token_latency_seconds_count", model="m"
     ) == len(values)
@@ -56,5 +64,21 @@ def test_label_sets_are_preinitialised_and_info_published() -> None:
     assert metric(text, "gateway_backend_cost_per_hour_usd", backend="b1") == 0.7  # backend's own GPU wins
     assert metric(text, "gateway_model_info", model="a", family="qwen3", vendor="Alibaba", origin="CN") == 1
     assert metric(text, "gateway_backend_info", backend="b1", model="b") == 1
-    assert "_created" not in text
     assert ":" not in "".join(line.split("{")[0] for line in text.splitlines() if not line.startswith("#"))
+
+
+def test_an_app_built_and_served_in_a_thread_leaves_the_process_alone() -> None:
+    """Process-wide settings (the collector's thresholds and frozen objects, prometheus-client's created series)
+    are made by ``gateway serve`` (``gateway.server.tune_process``), not by building or starting an app: tests and
+    embedders that start one in a thread keep their process as it was. ``gateway serve`` itself is checked in
+    tests/test_cli.py (no ``_created`` series in its exposition)."""
+    before = (gc.get_threshold(), gc.get_freeze_count())
+    settings = parse_settings(
+        {"gateway": {"results_db": ":memory:"}, "models": [{"id": "m"}],
+         "backends": [{"name": "b", "base_url": "http://127.0.0.1:9", "models": ["m"]}]},
+        "test",
+    )  # fmt: skip
+    with ThreadServer(create_app(settings)) as gw:
+        text = httpx.get(f"{gw.url}/metrics").text
+    assert (gc.get_threshold(), gc.get_freeze_count()) == before
+    assert "_created" in text  # prometheus-client's default, untouched

@@ -26,6 +26,8 @@ from gateway.tools import dashboards
 from tests.conftest import card, settings_for
 from tests.servers import REPO, ThreadServer, stop_group, wait_http
 
+pytestmark = pytest.mark.slow  # left out of scripts/test.sh --quick
+
 PROM_DIR = REPO / "deploy" / "prometheus"
 GRAFANA_DIR = REPO / "deploy" / "grafana"
 RULE_FILES = sorted((PROM_DIR / "rules").glob("*.yml"))

@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 
 from gateway.devstack.supervisor import free_port
 from tests.servers import cli, emulator_process, python_process
 from tests.test_client_limits import connect, rss_mb
 
+pytestmark = pytest.mark.slow  # left out of scripts/test.sh --quick
 MODELS = ("m1", "m2", "m3")
 
 

@@ -392,6 +392,7 @@ def start_stream(url: str, into: list[bytes]) -> threading.Thread:
     return thread
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("drain_s", "finishes"), [(10.0, True), (0.5, False)], ids=["within-drain", "past-drain"])
 def test_sigterm_drains_streams_then_exits(tmp_path: Path, drain_s: float, finishes: bool) -> None:
     emulator = create_emulator_app(EmulatorConfig(model="m1", ttft_ms=10, itl_ms=50, output_tokens=40))  # 2 s

@@ -36,6 +36,8 @@ from loadtests.soak import (
 )
 from tests.servers import REPO
 
+pytestmark = pytest.mark.slow  # left out of scripts/test.sh --quick
+
 ERR = '{"error": {"message": "boom", "type": "InternalServerError", "param": null, "code": 500}}'
 
 

@@ -35,6 +35,8 @@ from tests.backends import Recorder
 from tests.conftest import card, settings_for
 from tests.servers import ThreadServer
 
+pytestmark = pytest.mark.slow  # left out of scripts/test.sh --quick
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 
