@@ -1,4 +1,4 @@
-"""Cost math (pure functions; see MEASUREMENT.md, "Cost").
+"""Cost math (pure functions; see docs/measurement.md, "Cost").
 
 Two bases:
 

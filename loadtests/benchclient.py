@@ -15,9 +15,9 @@ window of ``--duration`` seconds is measured; no request starts after it, the on
 of each watched process group (``--watch NAME=PID,PID``) and samples their RSS (``VmRSS``) four times a second,
 so CPU per request and per chunk cover exactly the requests and chunks counted in the window.
 
-What is counted (chat completions; definitions as in shared/MEASUREMENT.md):
-- a token chunk is an SSE event whose ``content`` (or ``text``) is a non-empty string; vLLM's role-only first
-  chunk, the finish chunk and usage chunks are not;
+What is counted (chat completions; the definitions of docs/measurement.md, narrowed to what the emulator sends):
+- a token chunk is an SSE event whose ``content`` (or ``text``) is a non-empty string (the emulator sends no
+  reasoning or tool calls); vLLM's role-only first chunk, the finish chunk and usage chunks are not;
 - TTFT = first token chunk's arrival - request sent; ITL = every gap between two token chunks of one stream;
 - chunk delay = arrival of token chunk i - (request sent + nominal TTFT + i x nominal ITL): how late each token
   reaches the client against the emulator's schedule (which is anchored at the request's start, without drift).
