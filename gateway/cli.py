@@ -1,4 +1,4 @@
-"""Command line: ``gateway serve | emulate | up``."""
+"""Command line: ``gateway serve | emulate | up | compare | keygen`` (``python -m gateway`` is the same)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Comparison runs: every prompt to every model through the gateway, as users call it, measured client-side.
 
 Each call is an ordinary streamed ``/v1/chat/completions`` request with ``stream_options.include_usage`` (token
-counts come from vLLM). Timings use the gateway's own definitions (``streaming.StreamObserver``): TTFT to the
-first token-bearing chunk, TPOT = (E2E - TTFT) / (completion_tokens - 1). Calls are paired across models by
-(prompt id, repeat): the request bodies are identical but for ``model``.
+counts come from vLLM). Timings use the gateway's own definitions (``gateway.relay.sse.StreamObserver``;
+docs/measurement.md), with t0 = when this client sends the request: TTFT to the first token-bearing chunk,
+TPOT = (E2E - TTFT) / (completion_tokens - 1). Calls are paired across models by (prompt id, repeat): the
+request bodies are identical but for ``model``.
 """
 
 from __future__ import annotations
