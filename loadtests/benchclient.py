@@ -46,6 +46,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.compare.stats import percentile, summary
+
 TOKEN = re.compile(rb'"(?:content|text)":\s*"(?!")')
 EVENT_END = re.compile(rb"\r?\n\r?\n")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -251,27 +253,21 @@ def parse_watch(items: Sequence[str]) -> dict[str, list[int]]:
 
 
 # -- results -------------------------------------------------------------------------------------------------
-def percentile(ordered: Sequence[float], q: float) -> float:
-    """q-th percentile (0-100) of sorted values, interpolated between the nearest ranks; NaN when empty."""
-    if not ordered:
-        return float("nan")
-    position = (len(ordered) - 1) * q / 100.0
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def stats_ms(values: list[float]) -> dict[str, float]:
-    values.sort()
+    """Count, p50, p90, p99, mean and max of ``values`` (seconds) in ms, percentiles as the reports compute them
+    (``gateway.compare.stats``); NaN but the count when there are none."""
+    if not values:
+        nan = float("nan")
+        return {"n": 0, "p50": nan, "p90": nan, "p99": nan, "mean": nan, "max": nan}
+    s = summary(values)
     ms = 1000.0
-    mean = sum(values) / len(values) if values else float("nan")
     return {
-        "n": len(values),
-        "p50": percentile(values, 50) * ms,
-        "p90": percentile(values, 90) * ms,
-        "p99": percentile(values, 99) * ms,
-        "mean": mean * ms,
-        "max": (values[-1] if values else float("nan")) * ms,
+        "n": s.n,
+        "p50": s.p50 * ms,
+        "p90": s.p90 * ms,
+        "p99": s.p99 * ms,
+        "mean": s.mean * ms,
+        "max": max(values) * ms,
     }
 
 
@@ -518,7 +514,7 @@ async def run_phase(args: argparse.Namespace) -> PhaseResult:
     result.rate = result.completed / window
     result.chunk_rate = result.chunks / window
     if rec.tokens:
-        result.tokens_per_stream_p50 = percentile(sorted(rec.tokens), 50)
+        result.tokens_per_stream_p50 = percentile(rec.tokens, 50)
     result.ttft_ms = stats_ms(rec.ttft)
     result.itl_ms = stats_ms(rec.itl)
     result.chunk_delay_ms = stats_ms(rec.delay)
