@@ -1,6 +1,8 @@
-"""The composition root: ``create_app(settings)`` wires the parts (settings, metrics, backend pool, store, mirror,
-keys, routes, middlewares) and returns a FastAPI app whose lifespan owns the backend clients and the health-check
-task. Nothing is built at import time."""
+"""The composition root: ``create_app(settings)`` wires the parts (metrics, backend pool, recorder, store, mirror,
+keys, routes, the gateway's own middlewares outside FastAPI's stack) and returns a FastAPI app. Its lifespan owns
+what runs: the first health checks and their task, the drain on SIGTERM/SIGINT, the separate metrics listener
+(``gateway.metrics_port``), the garbage collector's settings; at the end it stops the mirrors, the backend pool
+and the store. Nothing is built at import time; ``app_from_env`` builds one ``--workers`` worker's app."""
 
 from __future__ import annotations
 
@@ -65,7 +67,8 @@ def create_app(
     transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
     registry: CollectorRegistry | None = None,
 ) -> FastAPI:
-    """Build the gateway. ``transports`` (by backend name) and ``registry`` are seams for tests."""
+    """Build the gateway. ``transports`` (by backend name: the health checks' httpx transport; calls use the relay's
+    own client) and ``registry`` are seams for tests."""
     from gateway.api import compare, openai, ops, ui
 
     metrics = Metrics(registry if registry is not None else CollectorRegistry())

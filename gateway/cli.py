@@ -1,4 +1,4 @@
-"""Command line: ``gateway serve | emulate | up``."""
+"""Command line: ``gateway serve | emulate | up | compare | keygen`` (``python -m gateway`` is the same)."""
 
 from __future__ import annotations
 
@@ -276,7 +276,7 @@ def compare_run(args: argparse.Namespace) -> int:
     print(f"{len(prompts)} prompts x {len(models)} models x {args.repeat} -> {total} calls via {url}", flush=True)
     results = compare.run(
         url, models, prompts, max_tokens=args.max_tokens, concurrency=args.concurrency, repeat=args.repeat,
-        progress=compare.progress_bar, api_key=api_key,
+        progress=compare.ProgressBar(), api_key=api_key,
     )  # fmt: skip
     compare.add_list_cost(results, cards)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Configuration: the only module that reads files and the environment.
+"""Configuration: the only module that reads the gateway's settings: the YAML file, the ``GATEWAY_*`` defaults of
+``gateway serve`` and the keys the file names by environment variable (``api_key_env``, ``key_env``).
 
 One YAML file describes the gateway, the model cards and the backends (see ``deploy/*.yaml``). It is validated
 once, at startup; a bad file raises :class:`ConfigError` whose message names the file and the field.

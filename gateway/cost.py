@@ -1,4 +1,4 @@
-"""Cost math (pure functions; see MEASUREMENT.md, "Cost").
+"""Cost math (pure functions; see docs/measurement.md, "Cost").
 
 Two bases:
 
@@ -6,6 +6,8 @@ Two bases:
   API provider. Attributable per request.
 - GPU time: (GPUs x $/GPU-hour) / (output tokens/s x 3600) x 1e6, from the token rate actually served over a
   window. Never a request's own wall-clock time: with continuous batching that overcounts by the batch size.
+  Where one call needs a number of its own (fan-out, mirroring, the results store), ``gpu_usd_of_call`` gives
+  its share: its wall-clock time divided by the mean number of calls its backend was serving meanwhile.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ With ``gateway serve --workers N`` every worker writes its samples to ``PROMETHE
 aggregates them (counters and histograms add up; gauges say how: in-flight and queues add up over live workers, a
 backend counts as up only if every worker sees it up, the worst circuit state wins).
 
-Latency buckets are vLLM's own (see MEASUREMENT.md) so that SLO thresholds line up with ``vllm:*`` histograms;
-ITL/TPOT get three finer buckets below 10 ms because the gateway's own overhead is measured there.
+Latency buckets are vLLM's own so that SLO thresholds line up with ``vllm:*`` histograms; ITL/TPOT get three finer
+buckets below 10 ms because the gateway's own overhead is measured there. Every family's definition, and which
+calls it counts: docs/measurement.md.
 """
 
 from __future__ import annotations

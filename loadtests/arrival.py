@@ -1,7 +1,7 @@
 """Arrival schedules for open-loop load (pure: no I/O, no clock, no locust).
 
 Open loop means every request's intended send time is fixed in advance from the target rate, so a slow server
-cannot lower the offered load (coordinated omission, MEASUREMENT.md). Kinds:
+cannot lower the offered load (coordinated omission, docs/measurement.md). Kinds:
 
 - ``closed``: no schedule; locust's users send back to back (the offered load follows the server's speed).
 - ``constant``: one request every ``1 / rate`` seconds, the first at offset 0.

@@ -15,9 +15,9 @@ window of ``--duration`` seconds is measured; no request starts after it, the on
 of each watched process group (``--watch NAME=PID,PID``) and samples their RSS (``VmRSS``) four times a second,
 so CPU per request and per chunk cover exactly the requests and chunks counted in the window.
 
-What is counted (chat completions; definitions as in shared/MEASUREMENT.md):
-- a token chunk is an SSE event whose ``content`` (or ``text``) is a non-empty string; vLLM's role-only first
-  chunk, the finish chunk and usage chunks are not;
+What is counted (chat completions; the definitions of docs/measurement.md, narrowed to what the emulator sends):
+- a token chunk is an SSE event whose ``content`` (or ``text``) is a non-empty string (the emulator sends no
+  reasoning or tool calls); vLLM's role-only first chunk, the finish chunk and usage chunks are not;
 - TTFT = first token chunk's arrival - request sent; ITL = every gap between two token chunks of one stream;
 - chunk delay = arrival of token chunk i - (request sent + nominal TTFT + i x nominal ITL): how late each token
   reaches the client against the emulator's schedule (which is anchored at the request's start, without drift).
@@ -45,6 +45,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+from gateway.compare.stats import percentile, summary
 
 TOKEN = re.compile(rb'"(?:content|text)":\s*"(?!")')
 EVENT_END = re.compile(rb"\r?\n\r?\n")
@@ -251,27 +253,21 @@ def parse_watch(items: Sequence[str]) -> dict[str, list[int]]:
 
 
 # -- results -------------------------------------------------------------------------------------------------
-def percentile(ordered: Sequence[float], q: float) -> float:
-    """q-th percentile (0-100) of sorted values, interpolated between the nearest ranks; NaN when empty."""
-    if not ordered:
-        return float("nan")
-    position = (len(ordered) - 1) * q / 100.0
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
-
-
 def stats_ms(values: list[float]) -> dict[str, float]:
-    values.sort()
+    """Count, p50, p90, p99, mean and max of ``values`` (seconds) in ms, percentiles as the reports compute them
+    (``gateway.compare.stats``); NaN but the count when there are none."""
+    if not values:
+        nan = float("nan")
+        return {"n": 0, "p50": nan, "p90": nan, "p99": nan, "mean": nan, "max": nan}
+    s = summary(values)
     ms = 1000.0
-    mean = sum(values) / len(values) if values else float("nan")
     return {
-        "n": len(values),
-        "p50": percentile(values, 50) * ms,
-        "p90": percentile(values, 90) * ms,
-        "p99": percentile(values, 99) * ms,
-        "mean": mean * ms,
-        "max": (values[-1] if values else float("nan")) * ms,
+        "n": s.n,
+        "p50": s.p50 * ms,
+        "p90": s.p90 * ms,
+        "p99": s.p99 * ms,
+        "mean": s.mean * ms,
+        "max": max(values) * ms,
     }
 
 
@@ -518,7 +514,7 @@ async def run_phase(args: argparse.Namespace) -> PhaseResult:
     result.rate = result.completed / window
     result.chunk_rate = result.chunks / window
     if rec.tokens:
-        result.tokens_per_stream_p50 = percentile(sorted(rec.tokens), 50)
+        result.tokens_per_stream_p50 = percentile(rec.tokens, 50)
     result.ttft_ms = stats_ms(rec.ttft)
     result.itl_ms = stats_ms(rec.itl)
     result.chunk_delay_ms = stats_ms(rec.delay)

@@ -7,8 +7,8 @@ Stats entries (request type ``LLM`` unless noted), per model; times in milliseco
 
 - ``request <model>``: every request, and every failure (HTTP error, in-stream error event, a stream that ended
   without ``[DONE]`` or without a token, a connection error). Its time is until the stream closed.
-- ``TTFT <model>``, ``TPOT <model>``, ``E2E <model>``: successful requests only (MEASUREMENT.md definitions, with
-  t0 = the client's send time).
+- ``TTFT <model>``, ``TPOT <model>``, ``E2E <model>``: successful requests only (the definitions of
+  docs/measurement.md, with t0 = the client's send time).
 - ``ITL <model>``: one sample per gap between token-bearing chunks.
 - ``tokens <model>``: completion tokens from the server's ``usage``, as both the size and the "time" columns.
 - ``goodput <model>``: requests that met every SLO given (``--slo-ttft``, ``--slo-tpot``, ``--slo-e2e``).

@@ -89,20 +89,24 @@ def stop_group(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``, from a Prometheus exposition."""
+def samples(text: str, name: str, **labels: str) -> list[float]:
+    """The values of the samples of ``name`` whose labels include ``labels``, from a Prometheus exposition."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    total = 0.0
-    found = False
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-                found = True
+    return [
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    ]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``; KeyError when there is none."""
+    found = samples(text, name, **labels)
     if not found:
         raise KeyError(f"no sample {name}{labels}")
-    return total
+    return sum(found)
 
 
 def histogram_quantile(text: str, name: str, q: float, **labels: str) -> float:

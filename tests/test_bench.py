@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from loadtests import benchreport as report
-from loadtests.benchclient import Answer, Connection, percentile
+from loadtests.benchclient import Answer, Connection, stats_ms
 from loadtests.benchtargets import REPO
 
 pytestmark = pytest.mark.slow  # left out of scripts/test.sh --quick
@@ -162,9 +162,11 @@ def test_client_reads_content_length_bodies_and_honours_connection_close() -> No
     assert answer.status == 503 and not answer.done
 
 
-def test_percentile_interpolates() -> None:
-    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
-    assert math.isnan(percentile([], 99))
+def test_stats_ms_uses_the_reports_percentiles_and_is_nan_without_values() -> None:
+    stats = stats_ms([0.004, 0.001, 0.003, 0.002])
+    assert stats == pytest.approx({"n": 4, "p50": 2.5, "p90": 3.7, "p99": 3.97, "mean": 2.5, "max": 4.0})
+    empty = stats_ms([])
+    assert empty["n"] == 0 and all(math.isnan(v) for k, v in empty.items() if k != "n")
 
 
 # -- the report ----------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from gateway.app import create_app
 from gateway.auth import hash_key
 from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
 from tests.conftest import card, settings_for
-from tests.servers import ThreadServer, metric
+from tests.servers import ThreadServer, metric, samples
 
 KEY = "gk-limited-0123456789abcdef0123456789abcdef"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -82,7 +82,7 @@ def test_a_stream_abandoned_before_its_last_token_is_charged_what_it_received() 
                     if received == 60:
                         break  # hang up with 140 tokens (2.8 s) to go
         deadline = time.monotonic() + 5
-        while 'status="499"' not in (text := httpx.get(f"{url}/metrics").text):
+        while not samples(text := httpx.get(f"{url}/metrics").text, "gateway_requests_total", status="499"):
             assert time.monotonic() < deadline, "the abandoned stream was never recorded"
             time.sleep(0.02)
         after = httpx.post(f"{url}/v1/chat/completions", json=chat(1), headers=AUTH)

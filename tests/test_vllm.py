@@ -1,6 +1,6 @@
 """Integration tests against real vLLM servers (CPU build) serving tiny Qwen3, DeepSeek and Llama models.
 
-The servers are started once per test session (about a minute; see tests/vllm_facts.md) by the same code as
+The servers are started once per test session (about a minute; see docs/vllm-cpu-facts.md) by the same code as
 ``gateway up --backends vllm-cpu``. Set-up (``scripts/install-vllm-cpu.sh`` and the model build) is done by
 ``scripts/test.sh``; without it these tests fail with a message saying so — they are never skipped.
 """

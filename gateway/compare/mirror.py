@@ -1,10 +1,14 @@
 """Shadow mirroring: a sampled fraction of normal traffic to model A is also sent to models B, C, ...
 
-Fire-and-forget: the mirrored calls run as background tasks after the client's own call has been routed; they
-never touch the client's response. Their number is bounded (``max_concurrency`` per model): when the bound is
-full a mirror is skipped and counted, never queued. Each primary call and its mirrors share a pair id and the
-same request (bar the model), and are recorded in the results store (``kind = "mirror"``; answers only with
-``keep_text``). Mirrored calls go to ``gateway_mirror_*`` metrics, never to the client-facing ones or their cost.
+Fire-and-forget: the client's call is sampled once its body is parsed, its model resolved and the call admitted,
+before a backend is chosen for it; its mirrors then start as background tasks and never touch the client's
+response. Each mirrored call is a fan-out of one (``fanout.call_model``): the client's parameters with the target
+model, always streamed with usage, never queued for a busy backend (``Overloaded`` at once). Their number is
+bounded per source model (``mirror.max_concurrency``, mirrors of that model's calls in flight): when the bound is
+full a mirror is skipped and counted (``gateway_mirror_skipped_total``), never queued. The client's call and its
+mirrors share a pair id and are recorded in the results store (``kind = "mirror"``; answers only with
+``keep_text``), the client's side when it ends (``record_primary``, through ``Recorder.on_pair``). Mirrored calls
+go to ``gateway_mirror_*`` metrics, never to the client-facing ones or their cost.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Contract:
 - Input: CallResults and the model cards by model id. Models are listed in the order they first appear in the
   results; a model without a card shows the family and origin its results recorded, and no prices.
 - Latency, token and speed figures use successful calls only (``error is None``); "calls ok/total" counts all.
-- "output tok/s" is 1 / median TPOT: the speed one user sees (MEASUREMENT.md, "output speed").
+- "output tok/s" is 1 / median TPOT: the speed one user sees (docs/measurement.md, "output speed").
 - GPU-time basis: $/1M output tokens = ``cost.gpu_usd_per_1m_output(card GPUs x $/GPU-hour, served tok/s)``, where
   served tok/s = sum of completion tokens of the model's successful calls / its active window, from its earliest
   call's ``created_at`` to the latest ``created_at + e2e_s``. This is the rate the model actually served in the run,

@@ -1,9 +1,10 @@
 """Comparison runs: every prompt to every model through the gateway, as users call it, measured client-side.
 
 Each call is an ordinary streamed ``/v1/chat/completions`` request with ``stream_options.include_usage`` (token
-counts come from vLLM). Timings use the gateway's own definitions (``streaming.StreamObserver``): TTFT to the
-first token-bearing chunk, TPOT = (E2E - TTFT) / (completion_tokens - 1). Calls are paired across models by
-(prompt id, repeat): the request bodies are identical but for ``model``.
+counts come from vLLM). Timings use the gateway's own definitions (``gateway.relay.sse.StreamObserver``;
+docs/measurement.md), with t0 = when this client sends the request: TTFT to the first token-bearing chunk,
+TPOT = (E2E - TTFT) / (completion_tokens - 1). Calls are paired across models by (prompt id, repeat): the
+request bodies are identical but for ``model``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from tqdm import tqdm
 
 from gateway.compare.store import CallResult
 from gateway.config import ModelCard
@@ -154,11 +156,25 @@ async def call(
     return result
 
 
-def progress_bar(done: int, total: int, errors: int, started: float) -> None:
-    width = 30
-    filled = int(width * done / total) if total else width
-    line = f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{total} calls, {errors} errors, "
-    print(line + f"{time.monotonic() - started:.0f} s", end="\n" if done == total else "", file=sys.stderr, flush=True)
+class ProgressBar:
+    """A run's progress on stderr, for ``run``'s ``progress``: a tqdm bar while the calls run (on a terminal only),
+    then one plain line a user and a script can read, ``N/N calls, E errors, T s``."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm[Any] | None = None
+        self.done = 0
+
+    def __call__(self, done: int, total: int, errors: int, started: float) -> None:
+        bar = self.bar
+        if bar is None:
+            # disable=None: no bar when stderr is not a terminal (a log, CI), where its redraws would be noise.
+            bar = self.bar = tqdm(total=total, unit="call", file=sys.stderr, disable=None, dynamic_ncols=True)
+        bar.set_postfix_str(f"{errors} errors", refresh=False)
+        bar.update(done - self.done)
+        self.done = done
+        if done == total:
+            bar.close()
+            print(f"  {done}/{total} calls, {errors} errors, {time.monotonic() - started:.0f} s", file=sys.stderr)
 
 
 async def run_async(
@@ -182,6 +198,8 @@ async def run_async(
     started = time.monotonic()
     timeout = httpx.Timeout(connect=5.0, read=300.0, write=30.0, pool=300.0)
     limits = httpx.Limits(max_connections=max(1, concurrency) + 4)
+    if progress:
+        progress(0, len(jobs), 0, started)
     async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=auth_headers(api_key)) as client:
 
         async def one(prompt: Prompt, rep: int, model: str) -> None:

@@ -70,7 +70,7 @@ class Summary:
 
 
 def summary(values: Sequence[float]) -> Summary:
-    """Count, mean and the percentiles MEASUREMENT.md asks for; raises ValueError when there are no values."""
+    """Count, mean and the percentiles the reports show (docs/measurement.md); ValueError when there are no values."""
     if not values:
         raise ValueError("summary of no values")
     ordered = sorted(values)

@@ -284,7 +284,7 @@ class Emulator:
 
     def _finished(self, reason: str, start: float, first: float | None, n: int, prompt_tokens: int) -> None:
         """Engine accounting as vLLM 0.32 does it: tokens always; an aborted request (the client left) is not a
-        success of any kind and has no E2E (see tests/vllm_facts.md), only the tokens it made so far."""
+        success of any kind and has no E2E (see docs/vllm-cpu-facts.md), only the tokens it made so far."""
         m = self.metrics
         m.prompt_tokens.inc(prompt_tokens)
         m.generation_tokens.inc(n)

@@ -191,7 +191,7 @@ def run_comparison(url: str, settings: Settings, max_tokens: int, out: Path) -> 
     models = [c.id for c in settings.models]
     prompts = compare.builtin_prompts()
     say(f"==> the same {len(prompts)} prompts to {len(models)} models through the gateway, one call at a time")
-    results = compare.run(url, models, prompts, max_tokens=max_tokens, progress=compare.progress_bar)
+    results = compare.run(url, models, prompts, max_tokens=max_tokens, progress=compare.ProgressBar())
     cards = {c.id: c for c in settings.models}
     compare.add_list_cost(results, cards)
     paths = report.write_report(results, cards, out, title="Model comparison (gateway up)")

