@@ -184,7 +184,10 @@ def rule_problems(base: str) -> list[str]:
     return [f"rule {name}: health {health.get(name, 'not loaded')}" for name in wanted if health.get(name) != "ok"]
 
 
-def test_every_rule_and_panel_query_answers(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def observed(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """Three emulated models, a gateway in front, and a real Prometheus scraping all four with the project's
+    rules: (the gateway's URL, Prometheus' URL)."""
     servers: list[ThreadServer] = []
     try:
         vllm: dict[str, str] = {}
@@ -201,24 +204,51 @@ def test_every_rule_and_panel_query_answers(tmp_path: Path) -> None:
         config = config_copy(tmp_path, f"127.0.0.1:{gw.port}", vllm)
         with prometheus(config, tmp_path / "data") as prom:
             assert wait_scraped(prom, 4, 20) == 4, "Prometheus did not scrape the gateway and three emulators"
-            drive_traffic(gw.url)
-            checks = [(f"rule {name}", name, tuple(lbl for lbl in ("model", "origin") if name.startswith(lbl)))
-                      for name in recording_rules()]  # fmt: skip
-            checks += [
-                (f"{p.dashboard} / {p.title} / {q.legend}", grafana_to_promql(q.expr), q.labels)
-                for p in dashboards.PANELS
-                for q in p.queries
-            ]
-            deadline = time.monotonic() + SETTLE_S
-            while True:
-                failed = rule_problems(prom) + [
-                    why for name, expr, labels in checks if (why := problems(prom, name, expr, labels))
-                ]
-                if not failed or time.monotonic() > deadline:
-                    break
-                print(f"{len(failed)} not answering yet, e.g. {failed[0]}")
-                time.sleep(1)
-            assert not failed, "\n".join(failed)
+            yield gw.url, prom
     finally:
         for server in reversed(servers):
             server.__exit__()
+
+
+def test_every_rule_and_panel_query_answers(tmp_path: Path) -> None:
+    with observed(tmp_path) as (gw, prom):
+        drive_traffic(gw)
+        checks = [(f"rule {name}", name, tuple(lbl for lbl in ("model", "origin") if name.startswith(lbl)))
+                  for name in recording_rules()]  # fmt: skip
+        checks += [
+            (f"{p.dashboard} / {p.title} / {q.legend}", grafana_to_promql(q.expr), q.labels)
+            for p in dashboards.PANELS
+            for q in p.queries
+        ]
+        deadline = time.monotonic() + SETTLE_S
+        while True:
+            failed = rule_problems(prom) + [
+                why for name, expr, labels in checks if (why := problems(prom, name, expr, labels))
+            ]
+            if not failed or time.monotonic() > deadline:
+                break
+            print(f"{len(failed)} not answering yet, e.g. {failed[0]}")
+            time.sleep(1)
+        assert not failed, "\n".join(failed)
+
+
+def test_error_rules_are_zero_not_absent_on_a_healthy_system(tmp_path: Path) -> None:
+    """With traffic and no error, the error rate and ratio per model and per origin are 0: a dashboard panel
+    shows 0, not "No data" (issue #14)."""
+    rules = [r for r in recording_rules() if "errors" in r]
+    assert len(rules) == 4
+    with observed(tmp_path) as (gw, prom):
+        msg = [{"role": "user", "content": "hello"}]
+        for model, *_ in MODELS:
+            assert httpx.post(f"{gw}/v1/chat/completions", json={"model": model, "messages": msg}).status_code == 200
+        deadline = time.monotonic() + SETTLE_S
+        while True:
+            answers = {
+                r: httpx.get(f"{prom}/api/v1/query", params={"query": r}).json()["data"]["result"] for r in rules
+            }
+            complete = all(len(series) == (3 if r.startswith("model") else 2) for r, series in answers.items())
+            if complete or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+    assert complete, answers
+    assert all(float(s["value"][1]) == 0 for series in answers.values() for s in series), answers
