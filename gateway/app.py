@@ -1,9 +1,10 @@
 """The composition root: ``create_app(settings)`` wires the parts (settings, metrics, backend pool, store, mirror,
-keys, routes, middlewares) and returns a FastAPI app whose lifespan owns the backend clients and the health-check
-task. Nothing is built at import time."""
+keys, routes, middlewares) and returns a FastAPI app whose lifespan owns the backend clients, the health-check
+task and the results store's writer thread. Nothing is built at import time."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
@@ -24,6 +25,7 @@ from gateway.api.responses import error_response
 from gateway.auth import Keyring
 from gateway.compare.mirror import Mirror
 from gateway.compare.store import Store
+from gateway.compare.writer import StoreWriter
 from gateway.config import Settings
 from gateway.errors import (
     GatewayError,
@@ -70,7 +72,10 @@ def create_app(
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     metrics.describe(settings)
     pool = BackendPool(settings, metrics, transports)
-    store = Store(settings.gateway.results_db)
+    # A short busy timeout: the writer retries a locked file itself, and so notices a stop between tries.
+    store = StoreWriter(
+        Store(settings.gateway.results_db, busy_timeout_s=1.0), metrics, max_rows=settings.gateway.results_queue_rows
+    )
     recorder = Recorder(metrics)
     mirror = Mirror(settings, pool, metrics, store)
     recorder.on_pair = mirror.record_primary
@@ -79,6 +84,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store.start()
         await pool.start()
         drain_on_signals(gateway)
         # Everything built so far lives as long as the process: keep it out of the collector's scans, and collect
@@ -102,7 +108,7 @@ def create_app(
                 mp.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]  # its live* gauges go away
             await mirror.close()
             await pool.close()
-            store.close()
+            await asyncio.to_thread(store.stop)  # after the calls and mirrors: every row they added is written
 
     app = GatewayApp(
         title="LLM comparison gateway",

@@ -18,7 +18,8 @@ import uuid
 from typing import Any
 
 from gateway.compare.fanout import call_model
-from gateway.compare.store import CallResult, Store
+from gateway.compare.store import CallResult
+from gateway.compare.writer import StoreWriter
 from gateway.config import MirrorRule, Settings
 from gateway.cost import list_price_usd
 from gateway.metrics import Metrics
@@ -32,7 +33,12 @@ log = logging.getLogger("gateway.compare.mirror")
 
 class Mirror:
     def __init__(
-        self, settings: Settings, pool: BackendPool, metrics: Metrics, store: Store, rng: random.Random | None = None
+        self,
+        settings: Settings,
+        pool: BackendPool,
+        metrics: Metrics,
+        store: StoreWriter,
+        rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool

@@ -84,25 +84,39 @@ SCHEMA = (
 
 
 class Store:
-    """A SQLite file (or ``:memory:``) shared by the event loop's thread and worker threads, writes serialised."""
+    """A SQLite file (or ``:memory:``), used synchronously from any thread, one statement at a time. ``gateway
+    compare`` writes its results with it directly; in the gateway only the writer thread and the reads' threads
+    touch it (``gateway.compare.writer``), never the event loop."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, busy_timeout_s: float = 5.0) -> None:
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.path = str(path)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=5000")  # several gateway workers may write the same file
+        # several gateway workers may write the same file: wait this long for another's write to finish
+        self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
 
     def add(self, results: Iterable[CallResult]) -> None:
+        """Insert the rows in one transaction: all of them or, if SQLite refuses (a locked file), none."""
         rows = [
             tuple(getattr(r, c) if c != "created_at" or r.created_at else time.time() for c in COLUMNS) for r in results
         ]
+        if not rows:
+            return
         with self._lock:
-            self._db.executemany(
-                f"INSERT INTO results ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", rows
-            )
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    f"INSERT INTO results ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", rows
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.rollback()
+                raise
 
     def comparison(self, comparison_id: str) -> list[CallResult]:
         return self._select("WHERE comparison_id = ? ORDER BY id", (comparison_id,))
