@@ -21,11 +21,13 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
 from gateway.app import create_app
-from gateway.compare.store import CallResult, Store
+from gateway.compare.store import CallResult, Store, measured
 from gateway.compare.writer import StoreWriter
+from gateway.config import ModelCard
 from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
 from gateway.devstack.supervisor import free_port
 from gateway.metrics import Metrics
+from gateway.relay.sse import StreamObserver, Usage
 from tests.conftest import card, settings_for
 from tests.servers import ThreadServer, cli, emulator_process, metric, python_process
 from tests.test_mirror import wait_for
@@ -88,6 +90,45 @@ def test_a_full_queue_drops_rows_counts_them_and_never_blocks(tmp_path: Path, ca
     assert any("locked by another process" in r.getMessage() for r in caplog.records)
     writer.add([row(99)])  # after the stop: counted, never written
     assert metric(generate_latest(metrics.registry).decode(), "gateway_store_dropped_rows_total", reason="stopped") == 1
+
+
+def observed(t0: float, *, keep_text: bool = True) -> StreamObserver:
+    """A stream of 3 tokens in two chunks, 0.1 s and 0.3 s after ``t0``, then usage (7 in, 3 out)."""
+    obs = StreamObserver(t0=t0, keep_text=keep_text)
+    chunks = [
+        (0.05, {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}),
+        (0.1, {"choices": [{"index": 0, "delta": {"content": "Hel"}}]}),
+        (0.3, {"choices": [{"index": 0, "delta": {"content": "lo!"}, "finish_reason": "stop"}]}),
+        (0.31, {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}),
+    ]
+    for at, chunk in chunks:
+        obs.observe_obj(chunk, now=t0 + at)
+    return obs
+
+
+def test_a_measured_call_is_one_row_whoever_made_it() -> None:
+    """The one mapping from a measured call to its stored row (fan-outs, mirrored pairs and comparison runs use
+    it): timings and tokens from the observer, family, origin and list price from the card, text only when kept."""
+    listed = ModelCard.model_validate(card("m", "qwen3", "Alibaba", "CN"))  # $1 in, $4 out per 1M
+    t0 = time.perf_counter() - 2.0
+    row = measured("cmp-1", "fanout", "m", observed(t0), backend="b", card=listed, cost_gpu_usd=0.5, keep_text=True)
+    assert (row.comparison_id, row.kind, row.model, row.backend, row.family, row.origin) == (
+        "cmp-1", "fanout", "m", "b", "qwen3", "CN"
+    )  # fmt: skip
+    assert row.ttft_s == pytest.approx(0.1) and row.e2e_s == pytest.approx(0.3)
+    assert row.tpot_s == pytest.approx(0.1) and row.output_tps == pytest.approx(10.0)  # (0.3 - 0.1) / (3 - 1)
+    assert (row.prompt_tokens, row.completion_tokens, row.finish_reason, row.text) == (7, 3, "stop", "Hello!")
+    assert row.cost_list_usd == pytest.approx((7 * 1.0 + 3 * 4.0) / 1e6) and row.cost_gpu_usd == 0.5
+    assert row.error is None and abs(row.created_at - (time.time() - 2.0)) < 0.5
+    private = measured("pair-1", "mirror", "m", observed(t0, keep_text=False), card=listed)
+    assert private.text is None and private.ttft_s == pytest.approx(0.1)
+    failed = measured("run-1", "run", "m", observed(t0), card=listed, error="boom", keep_text=True, prompt_id="p1",
+                      prompt_category="code", repeat=2)  # fmt: skip
+    assert failed.cost_list_usd is None and failed.text == "Hello!"  # a failed call costs nothing listed
+    assert (failed.error, failed.prompt_id, failed.prompt_category, failed.repeat) == ("boom", "p1", "code", 2)
+    whole = StreamObserver(t0=t0, usage=Usage(7, 3))  # a non-streaming answer: no token times, its own E2E
+    plain = measured("pair-2", "mirror", "m", whole, card=listed, e2e_s=0.25)
+    assert (plain.ttft_s, plain.tpot_s, plain.e2e_s, plain.completion_tokens) == (None, None, 0.25, 3)
 
 
 def gaps_of_a_stream(url: str, body: dict[str, Any], gaps: list[float]) -> threading.Thread:

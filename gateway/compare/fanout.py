@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.auth import Client
-from gateway.compare.store import CallResult
+from gateway.compare.store import CallResult, list_cost, measured
 from gateway.config import ModelCard
-from gateway.cost import gpu_usd_of_call, list_price_usd
+from gateway.cost import gpu_usd_of_call
 from gateway.errors import GatewayError, UpstreamStreamError
 from gateway.protocol import Endpoint, dump_json
 from gateway.relay.backends import BackendPool, close_upstream, iter_body
@@ -96,27 +96,11 @@ class Outcome:
         }
 
     def to_result(self, comparison_id: str, kind: str, card: ModelCard | None, keep_text: bool) -> CallResult:
-        m = self.metrics()
-        return CallResult(
-            comparison_id=comparison_id,
-            kind=kind,
-            model=self.model,
-            backend=self.backend,
-            family=card.family if card else "",
-            origin=card.origin if card else "",
-            ttft_s=m["ttft_s"],
-            tpot_s=m["tpot_s"],
-            e2e_s=m["e2e_s"],
-            prompt_tokens=m["prompt_tokens"] or 0,
-            completion_tokens=m["completion_tokens"] or 0,
-            output_tps=m["output_tokens_per_s"],
-            cost_gpu_usd=self.cost_gpu_usd,
-            cost_list_usd=self.cost_list_usd,
-            finish_reason=self.observer.finish_reason,
-            text="".join(self.observer.text) if keep_text and self.error is None else None,
-            error=None if self.error is None else str(self.error.get("message", self.error)),
-            created_at=time.time() - (time.perf_counter() - self.observer.t0),
-        )
+        error = None if self.error is None else str(self.error.get("message", self.error))
+        return measured(
+            comparison_id, kind, self.model, self.observer, backend=self.backend, card=card,
+            cost_gpu_usd=self.cost_gpu_usd, error=error, keep_text=keep_text,
+        )  # fmt: skip
 
 
 def streaming_body(body: dict[str, Any], model: str) -> bytes:
@@ -244,7 +228,6 @@ async def call_model(
     usage = observer.usage if error is None else None
     per_hour = pool.settings.backend_cost_per_hour(backend.config)
     gpu = gpu_usd_of_call(per_hour, elapsed, load_sum / load_n) if error is None else None
-    listed = list_price_usd(card.list_price, usage.prompt_tokens, usage.completion_tokens) if usage else None
     if recorder:
         recorder.finished(ex, 200 if error is None else status, e2e=observer.e2e, usage=usage, observer=observer)
-    return Outcome(model, backend.name, observer, answer, error, status, gpu, listed if card.list_price else None)
+    return Outcome(model, backend.name, observer, answer, error, status, gpu, list_cost(card, usage))

@@ -13,15 +13,13 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 import uuid
 from typing import Any
 
 from gateway.compare.fanout import call_model
-from gateway.compare.store import CallResult
+from gateway.compare.store import measured
 from gateway.compare.writer import StoreWriter
 from gateway.config import MirrorRule, Settings
-from gateway.cost import list_price_usd
 from gateway.metrics import Metrics
 from gateway.protocol import Endpoint
 from gateway.relay.backends import BackendPool
@@ -97,22 +95,13 @@ class Mirror:
     ) -> None:  # fmt: skip
         """The client's own call, stored under the pair id so the pair can be compared."""
         rule = self.rules[ex.model]
-        card = ex.card
-        tpot = observer.tpot if observer else None
-        self.store.add([CallResult(
-            comparison_id=pair_id, kind="mirror", model=ex.model, backend=ex.backend,
-            family=card.family if card else "", origin=card.origin if card else "",
-            ttft_s=observer.ttft if observer else None, tpot_s=tpot, e2e_s=e2e,
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-            output_tps=1.0 / tpot if tpot else None,
-            cost_list_usd=list_price_usd(card.list_price, usage.prompt_tokens, usage.completion_tokens)
-            if usage and card and card.list_price else None,
-            finish_reason=observer.finish_reason if observer else None,
-            text="".join(observer.text) if observer and rule.keep_text else None,
-            error=None if status == 200 else f"status {status}",
-            created_at=time.time() - (time.perf_counter() - ex.t0),
-        )])  # fmt: skip
+        seen = observer or StreamObserver(t0=ex.t0, usage=usage)  # a non-streaming call: no token times
+        error = None if status == 200 else f"status {status}"
+        row = measured(
+            pair_id, "mirror", ex.model, seen, backend=ex.backend, card=ex.card, e2e_s=e2e, error=error,
+            keep_text=rule.keep_text,
+        )  # fmt: skip
+        self.store.add([row])
 
     async def close(self) -> None:
         for task in list(self.tasks):

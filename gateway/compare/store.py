@@ -39,6 +39,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from gateway.config import ModelCard
+from gateway.cost import list_price_usd
+from gateway.relay.sse import StreamObserver, Usage
+
 
 @dataclass(slots=True)
 class CallResult:
@@ -67,6 +71,59 @@ class CallResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+def measured(
+    comparison_id: str,
+    kind: str,
+    model: str,
+    observer: StreamObserver,
+    *,
+    backend: str | None = None,
+    card: ModelCard | None = None,
+    e2e_s: float | None = None,
+    cost_gpu_usd: float | None = None,
+    error: str | None = None,
+    keep_text: bool = False,
+    prompt_id: str = "",
+    prompt_category: str = "",
+    repeat: int = 0,
+) -> CallResult:
+    """The stored row of one measured call (a fan-out's, a mirrored pair's, a comparison run's): its timings,
+    tokens and finish reason as ``observer`` saw them (E2E is the last token's, unless ``e2e_s`` gives another: a
+    non-streaming answer's), family, origin and list-price cost from the model card (no cost for a call that
+    failed), and the text that arrived when ``keep_text`` (a failed call's partial answer too)."""
+    usage, tpot = observer.usage, observer.tpot
+    return CallResult(
+        comparison_id=comparison_id,
+        kind=kind,
+        model=model,
+        prompt_id=prompt_id,
+        prompt_category=prompt_category,
+        repeat=repeat,
+        backend=backend,
+        family=card.family if card else "",
+        origin=card.origin if card else "",
+        ttft_s=observer.ttft,
+        tpot_s=tpot,
+        e2e_s=observer.e2e if e2e_s is None else e2e_s,
+        prompt_tokens=usage.prompt_tokens if usage else 0,
+        completion_tokens=usage.completion_tokens if usage else 0,
+        output_tps=1.0 / tpot if tpot else None,
+        cost_gpu_usd=cost_gpu_usd,
+        cost_list_usd=list_cost(card, usage) if error is None else None,
+        finish_reason=observer.finish_reason,
+        text="".join(observer.text) if keep_text else None,
+        error=error,
+        created_at=time.time() - (time.perf_counter() - observer.t0),  # the observer's clock is perf_counter
+    )
+
+
+def list_cost(card: ModelCard | None, usage: Usage | None) -> float | None:
+    """Usage x the card's list prices; None when either is unknown."""
+    if card is None or card.list_price is None or usage is None:
+        return None
+    return list_price_usd(card.list_price, usage.prompt_tokens, usage.completion_tokens)
 
 
 COLUMNS = tuple(f.name for f in fields(CallResult))
