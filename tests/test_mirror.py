@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import pytest
 
 from gateway.app import create_app
 from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
@@ -82,6 +83,42 @@ def test_mirror_pairs_identical_requests_and_stays_out_of_client_metrics() -> No
         assert rows["primary"]["ttft_s"] is not None and rows["primary"]["ttft_s"] >= 0.04
         assert rows["shadow"]["completion_tokens"] == 3
         assert rows["primary"]["text"] is None and rows["shadow"]["text"] is None  # prompts may be private
+
+
+def client_text(answer: httpx.Response) -> str:
+    """The answer's text as the client received it: a stream's deltas, or the body's message or text."""
+    if not answer.headers["content-type"].startswith("text/event-stream"):
+        choice = answer.json()["choices"][0]
+        return str(choice["message"]["content"] if "message" in choice else choice["text"])
+    parts = []
+    for event in answer.text.split("\n\n"):
+        if event.startswith("data: {"):
+            for choice in json.loads(event[6:])["choices"]:
+                parts.append(choice.get("delta", {}).get("content") or choice.get("text") or "")
+    return "".join(parts)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": MSG, "stream": True}),
+        ("/v1/chat/completions", {"messages": MSG}),
+        ("/v1/completions", {"prompt": "mirror me", "stream": True}),
+        ("/v1/completions", {"prompt": "mirror me"}),
+    ],
+    ids=["chat-stream", "chat", "completions-stream", "completions"],
+)
+def test_keep_text_keeps_the_answers_of_both_sides_of_a_pair(path: str, body: dict[str, Any]) -> None:
+    """``keep_text: true`` stores the client's own answer (as the client received it) beside the shadow's; it was
+    kept for the shadow only. Off by default (test_mirror_pairs_identical_requests_and_stays_out_of_client_metrics)."""
+    with mirrored({"to": ["shadow"], "fraction": 1.0, "keep_text": True}) as (url, _):
+        answer = httpx.post(f"{url}{path}", json={"model": "primary", "max_tokens": 5, **body})
+        assert answer.status_code == 200
+        _, rows = stored_pair(url)
+        assert rows["primary"]["text"] == client_text(answer) and len(rows["primary"]["text"]) > 5
+        assert rows["shadow"]["text"]
+        for side in ("primary", "shadow"):
+            assert rows[side]["finish_reason"] in ("length", "stop") and rows[side]["error"] is None
 
 
 def test_mirror_concurrency_is_bounded_and_sampling_respected() -> None:

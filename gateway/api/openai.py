@@ -20,7 +20,7 @@ from gateway.protocol import Endpoint, openapi_body, parse_request, upstream_bod
 from gateway.relay.asgi import ClientWatch, receive_body
 from gateway.relay.backends import Upstream
 from gateway.relay.proxy import CLIENT_CLOSED, Exchange, RelayResponse, read_upstream, response_headers
-from gateway.relay.sse import read_usage
+from gateway.relay.sse import StreamObserver, read_usage
 from gateway.state import Gateway
 
 router = APIRouter()
@@ -154,18 +154,23 @@ async def proxy(gw: Gateway, request: Request, endpoint: Endpoint) -> Response:
     upstream, content = result
     if content is None:
         inline = gw.settings.gateway.relay_inline
-        return RelayResponse(ex, upstream, gw.recorder, watch, strip_usage=not parsed.client_wants_usage, inline=inline)
+        strip = not parsed.client_wants_usage
+        return RelayResponse(ex, upstream, gw.recorder, watch, strip_usage=strip, keep_text=ex.keep_text, inline=inline)
     watch.close()
     done = time.perf_counter()
     status = upstream.response.status_code
     if status != 200:
         return _upstream_error(gw, ex, status, content, upstream.response.headers.get("retry-after"))
     try:
-        usage = read_usage(json.loads(content))
+        answer = json.loads(content)
     except ValueError:
         return _failed(gw, ex, UpstreamBadResponse(f"backend {ex.backend} sent a body that is not JSON"))
     e2e = done - ex.t0
-    gw.recorder.finished(ex, 200, e2e=e2e, usage=usage)
+    observer = None
+    if ex.pair_id is not None:  # stored with its mirrors: the finish reason, and the text if kept
+        observer = StreamObserver(t0=ex.t0, keep_text=ex.keep_text)
+        observer.observe_answer(answer)
+    gw.recorder.finished(ex, 200, e2e=e2e, usage=read_usage(answer), observer=observer)
     timing = f"e2e;dur={e2e * 1000:.3f}, upstream;dur={(done - sent) * 1000:.3f}"
     return _raw(ex, 200, content, {"server-timing": timing})
 

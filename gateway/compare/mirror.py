@@ -3,8 +3,9 @@
 Fire-and-forget: the mirrored calls run as background tasks after the client's own call has been routed; they
 never touch the client's response. Their number is bounded (``max_concurrency`` per model): when the bound is
 full a mirror is skipped and counted, never queued. Each primary call and its mirrors share a pair id and the
-same request (bar the model), and are recorded in the results store (``kind = "mirror"``; answers only with
-``keep_text``). Mirrored calls go to ``gateway_mirror_*`` metrics, never to the client-facing ones or their cost.
+same request (bar the model), and are recorded in the results store (``kind = "mirror"``; the answers, the
+client's as it received it and the mirrors', only with ``keep_text``). Mirrored calls go to ``gateway_mirror_*``
+metrics, never to the client-facing ones or their cost.
 """
 
 from __future__ import annotations
@@ -48,10 +49,12 @@ class Mirror:
         self.tasks: set[asyncio.Task[None]] = set()
 
     def maybe(self, ex: Exchange, body: dict[str, Any], endpoint: Endpoint) -> str | None:
-        """Start the mirrors of this call if it is sampled; returns the pair id (None: not mirrored)."""
+        """Start the mirrors of this call if it is sampled; returns the pair id (None: not mirrored). A sampled
+        call keeps its own answer's text too when the rule keeps the mirrors' (``ex.keep_text``)."""
         rule = self.rules.get(ex.model)
         if rule is None or self.rng.random() >= rule.fraction:
             return None
+        ex.keep_text = rule.keep_text
         pair_id = f"pair-{uuid.uuid4().hex}"
         request = dict(body)  # the client's parameters, as it sent them
         for target in rule.to:

@@ -52,6 +52,7 @@ class Exchange:
     backend: str = NO_BACKEND
     card: ModelCard | None = None
     pair_id: str | None = None  # set when shadow mirroring sampled this call
+    keep_text: bool = False  # keep the answer's text for the store (a mirrored pair whose rule says keep_text)
     client: Client | None = None  # the API key's client, when keys are configured (charged for tokens)
     reserved: int = 0  # tokens reserved against the client's tpm when the call was admitted
     prompt_estimate: int = 0  # the prompt's tokens as estimated at admission (charged if no usage ever comes)
