@@ -15,11 +15,19 @@ from fastapi.responses import JSONResponse, Response
 from gateway.api.responses import error_response
 from gateway.auth import Client
 from gateway.config import ModelCard
-from gateway.errors import GatewayError, ModelNotFound, UpstreamBadResponse, status_reason
+from gateway.errors import GatewayError, ModelNotFound, UpstreamBadResponse
 from gateway.protocol import Endpoint, openapi_body, parse_request, upstream_body
 from gateway.relay.asgi import ClientWatch, receive_body
 from gateway.relay.backends import Upstream
-from gateway.relay.proxy import CLIENT_CLOSED, Exchange, RelayResponse, read_upstream, response_headers
+from gateway.relay.proxy import (
+    CLIENT_CLOSED,
+    Exchange,
+    RelayResponse,
+    count_failure,
+    error_answer,
+    read_upstream,
+    response_headers,
+)
 from gateway.relay.sse import StreamObserver, read_usage
 from gateway.state import Gateway
 
@@ -185,8 +193,7 @@ def _raw(ex: Exchange, status: int, body: bytes, extra: dict[str, str] | None = 
 
 
 def _failed(gw: Gateway, ex: Exchange, err: GatewayError) -> JSONResponse:
-    if err.upstream_reason and not err.counted:
-        gw.metrics.upstream_errors.labels(ex.backend, err.upstream_reason).inc()
+    count_failure(gw.metrics, ex.backend, err)
     gw.recorder.failed(ex, err.status)
     response = error_response(err, ex.request_id)
     response.headers["x-gateway-backend"] = ex.backend
@@ -195,15 +202,10 @@ def _failed(gw: Gateway, ex: Exchange, err: GatewayError) -> JSONResponse:
 
 
 def _upstream_error(gw: Gateway, ex: Exchange, status: int, body: bytes, retry_after: str | None) -> Response:
-    """A backend's error status: passed through with its body when that body is an error object. (A 5xx or 429
-    was already counted by the pool.)"""
-    try:
-        ok = isinstance(json.loads(body), dict)
-    except ValueError:
-        ok = False
-    if not ok:
-        err = UpstreamBadResponse(f"backend {ex.backend} answered {status} with a non-JSON body")
-        err.counted = status_reason(status) is not None
+    """A backend's error status: passed through with its body when that body is an error object (see
+    ``relay.proxy.error_answer``)."""
+    err = error_answer(ex.backend, status, body)
+    if err is not None:
         return _failed(gw, ex, err)
     gw.recorder.failed(ex, status)
     return _raw(ex, status, body, {"retry-after": retry_after} if retry_after else None)
