@@ -4,7 +4,9 @@ the rows go."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import sqlite3
@@ -22,7 +24,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from gateway.app import create_app
 from gateway.compare.store import CallResult, Store, measured
-from gateway.compare.writer import StoreWriter
+from gateway.compare.writer import READ_WAIT_S, StoreWriter
 from gateway.config import ModelCard
 from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
 from gateway.devstack.supervisor import free_port
@@ -90,6 +92,48 @@ def test_a_full_queue_drops_rows_counts_them_and_never_blocks(tmp_path: Path, ca
     assert any("locked by another process" in r.getMessage() for r in caplog.records)
     writer.add([row(99)])  # after the stop: counted, never written
     assert metric(generate_latest(metrics.registry).decode(), "gateway_store_dropped_rows_total", reason="stopped") == 1
+
+
+def test_a_read_sees_the_rows_added_before_it_without_blocking_the_loop(tmp_path: Path) -> None:
+    """Flush-before-read: a read waits in a thread until the rows added before it are written (here: until another
+    process lets go of the file 0.3 s later), while the event loop goes on; a file that stays locked delays a
+    read by ``READ_WAIT_S`` at most, then it reads what is there."""
+    path = tmp_path / "results.sqlite"
+    writer = StoreWriter(Store(path, busy_timeout_s=1.0), Metrics(CollectorRegistry()))
+    writer.start()
+
+    async def read_while_ticking(comparison_id: str) -> tuple[list[CallResult], float, float]:
+        ticks: list[float] = [time.perf_counter()]
+        ticking = True
+
+        async def tick() -> None:
+            while ticking:
+                await asyncio.sleep(0.01)
+                ticks.append(time.perf_counter())
+
+        ticker = asyncio.create_task(tick())
+        t0 = time.perf_counter()
+        rows = await writer.comparison(comparison_id)
+        took = time.perf_counter() - t0
+        ticking = False
+        await ticker
+        return rows, took, max(b - a for a, b in itertools.pairwise(ticks))
+
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN EXCLUSIVE")
+    writer.add([row(1)])
+    threading.Timer(0.3, other.rollback).start()
+    rows, took, stalled = asyncio.run(read_while_ticking("c1"))
+    assert [r.comparison_id for r in rows] == ["c1"] and 0.25 < took < READ_WAIT_S, took
+    assert stalled < 0.2, f"the event loop stalled {stalled:.2f} s"
+    with locked(path):
+        writer.add([row(2)])
+        rows, took, stalled = asyncio.run(read_while_ticking("c2"))
+    assert rows == [] and READ_WAIT_S - 0.1 < took < READ_WAIT_S + 1.5, took
+    assert stalled < 0.2, f"the event loop stalled {stalled:.2f} s"
+    other.close()
+    writer.stop()
+    assert rows_in(path) == 2
 
 
 def observed(t0: float, *, keep_text: bool = True) -> StreamObserver:
