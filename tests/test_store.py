@@ -293,10 +293,10 @@ def test_inter_token_latency_with_the_store_on_a_file_equals_it_in_memory(tmp_pa
     through the gateway as fast as they can, each leaving two rows (its own and its mirror's), while this process
     times a 300-token stream (5 ms apart). The p99 of the stream's gaps must not depend on where the rows go.
 
-    Measured on 2 cores: p99 15.0 ms on a file, 14.1 ms in memory (about 1,700 loading calls, 3,300 rows each
-    way). The store that wrote on the event loop measured 12.6 / 11.3 ms here too: on this disk a commit is too
-    cheap for the p99 to show it; a locked file is what stalled its streams (the test above). The bound leaves room
-    for a busy machine."""
+    Measured on 2 cores, three runs: p99 15.0 / 9.0 / 8.5 ms on a file, 14.1 / 9.0 / 8.6 ms in memory (1,700 to
+    2,200 loading calls and 3,300 to 4,400 rows a run). The store that wrote on the event loop measured 12.6 / 11.3
+    and 8.7 / 9.1 ms here too: on this disk a commit is too cheap for the p99 to show it; a locked file is what
+    stalled its streams (the test above). The bound leaves room for a busy machine."""
     rounds = 4
     with contextlib.ExitStack() as stack:
         primary = stack.enter_context(emulator_process("primary", ttft_ms=5, itl_ms=5, output_tokens=300))
