@@ -1,11 +1,13 @@
 """The composition root: ``create_app(settings)`` wires the parts (metrics, backend pool, recorder, store, mirror,
 keys, routes, the gateway's own middlewares outside FastAPI's stack) and returns a FastAPI app. Its lifespan owns
-what runs: the first health checks and their task, the drain on SIGTERM/SIGINT, the separate metrics listener
-(``gateway.metrics_port``), the garbage collector's settings; at the end it stops the mirrors, the backend pool
-and the store. Nothing is built at import time; ``app_from_env`` builds one ``--workers`` worker's app."""
+what runs: the results store's writer thread, the first health checks and their task, the drain on SIGTERM/SIGINT,
+the separate metrics listener (``gateway.metrics_port``); at the end it stops the mirrors, the backend pool and
+the store's writer (everything queued is written). Nothing is built at import time; ``app_from_env`` builds one
+``--workers`` worker's app. Process-wide settings are ``gateway serve``'s (``server.tune_process``)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -25,6 +27,7 @@ from gateway.api.responses import error_response
 from gateway.auth import Keyring
 from gateway.compare.mirror import Mirror
 from gateway.compare.store import Store
+from gateway.compare.writer import StoreWriter
 from gateway.config import Settings
 from gateway.errors import (
     GatewayError,
@@ -74,7 +77,10 @@ def create_app(
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     metrics.describe(settings)
     pool = BackendPool(settings, metrics, transports)
-    store = Store(settings.gateway.results_db)
+    # A short busy timeout: the writer retries a locked file itself, and so notices a stop between tries.
+    store = StoreWriter(
+        Store(settings.gateway.results_db, busy_timeout_s=1.0), metrics, max_rows=settings.gateway.results_queue_rows
+    )
     recorder = Recorder(metrics)
     mirror = Mirror(settings, pool, metrics, store)
     recorder.on_pair = mirror.record_primary
@@ -83,6 +89,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store.start()
         await pool.start()
         drain_on_signals(gateway)
         exporter = None
@@ -101,7 +108,7 @@ def create_app(
                 mp.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]  # its live* gauges go away
             await mirror.close()
             await pool.close()
-            store.close()
+            await asyncio.to_thread(store.stop)  # after the calls and mirrors: every row they added is written
 
     app = GatewayApp(
         title="LLM comparison gateway",

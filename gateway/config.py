@@ -214,6 +214,9 @@ class GatewaySection(Strict):
     unhealthy_threshold: Annotated[int, Field(ge=1, description="failed checks in a row that take it out")] = 3
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     results_db: str = Field(default="results/gateway.sqlite", description="SQLite file of comparisons, or :memory:")
+    results_queue_rows: Annotated[
+        int, Field(ge=1, description="result rows waiting for the store's writer; beyond, new rows are dropped")
+    ] = 10_000
     retry: RetryPolicy = RetryPolicy()
     breaker: BreakerPolicy = BreakerPolicy()
     queue_timeout_s: Annotated[float, Field(gt=0, description="longest wait in a full backend's queue")] = 30.0

@@ -42,6 +42,9 @@ E2E_BUCKETS = (
 ENDPOINTS = ("chat", "completions")
 NO_MODEL = "unknown"  # model label of a request that never resolved to a configured model
 NO_BACKEND = "none"  # backend label of a request that never reached a backend
+# Why a result row was not stored (gateway.compare.writer): the writer's queue was full, SQLite refused the write,
+# or the gateway stopped before the row could be written.
+STORE_DROP_REASONS = ("queue_full", "write_failed", "stopped")
 
 
 @dataclass(slots=True)
@@ -210,6 +213,12 @@ class Metrics:
             "gateway_mirror_cost_usd", "Cost of mirrored calls (not client-facing).", ("model", "backend", "basis"),
             registry=registry,
         )  # fmt: skip
+        self.store_dropped_rows = Counter(
+            "gateway_store_dropped_rows", "Result rows not written to the results store, by reason.", ("reason",),
+            registry=registry,
+        )  # fmt: skip
+        for reason in STORE_DROP_REASONS:
+            self.store_dropped_rows.labels(reason)
         self._series: dict[tuple[str, str], Series] = {}
         self._requests: dict[tuple[str, ...], Counter] = {}
         self._durations: dict[tuple[str, ...], Histogram] = {}

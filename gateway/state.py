@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from gateway.auth import Keyring
 from gateway.compare.mirror import Mirror
-from gateway.compare.store import Store
+from gateway.compare.writer import StoreWriter
 from gateway.config import Settings
 from gateway.metrics import Metrics
 from gateway.relay.backends import BackendPool
@@ -35,7 +35,7 @@ class Gateway:
     metrics: Metrics
     pool: BackendPool
     recorder: Recorder
-    store: Store
+    store: StoreWriter
     mirror: Mirror
     keyring: Keyring
     started: int

@@ -407,3 +407,65 @@ def test_a_slow_reader_does_not_slow_other_streams() -> None:
                 r = httpx.post(url, json={**STREAM, "max_tokens": 50}, timeout=10)
                 assert r.status_code == 200 and r.content.endswith(DONE)
             assert time.monotonic() - t0 < 2.0  # 3 x 50 tokens at 2 ms: about 0.3 s, whatever the stuck one does
+
+
+# -- the fan-out facing the same faults ---------------------------------------------------------------------------
+ENGINE_DIED = b'data: {"error":{"message":"engine died","type":"InternalServerError","code":500}}\n\n'
+
+
+def last_error_code(answer: httpx.Response) -> object:
+    """The error code a plain call ended with: its status's error body, or its stream's last error event."""
+    if answer.status_code != 200:
+        return answer.json()["error"]["code"]
+    errors = [json.loads(e[6:])["error"] for e in events(answer.content) if e.startswith(b'data: {"error"')]
+    return errors[-1]["code"] if errors else None
+
+
+def tally(url: str) -> Counter[str]:
+    """What the gateway counted: backend failures by reason, and model m's calls by status."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: Counter[str] = Counter()
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for s in family.samples:
+            if s.name == "gateway_upstream_errors_total":
+                out[f"upstream_errors {s.labels['reason']}"] += int(s.value)
+            elif s.name == "gateway_requests_total" and s.labels["model"] == "m":
+                out[f"requests {s.labels['status']}"] += int(s.value)
+    return +out
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Recorder(status=500, body=b'{"error":{"message":"boom","type":"InternalServerError","code":500}}'),
+        Recorder(status=502, body=b"<html>502 Bad Gateway</html>", content_type="text/html"),
+        Recorder(status=400, body=b"<html>400 Bad Request</html>", content_type="text/html"),
+        Recorder(chunks=[Pause(3.0), *GOOD_STREAM]),
+        Recorder(chunks=[chunk("a"), Pause(3.0), chunk("b", "length"), DONE]),
+        Recorder(chunks=[chunk("a"), chunk("b"), Die()]),
+        Recorder(chunks=[chunk("a"), chunk("b")]),
+        Recorder(chunks=[chunk("a"), ENGINE_DIED, DONE]),
+        Recorder(chunks=[chunk("a"), ENGINE_DIED]),
+        Recorder(chunks=[chunk("a"), b"data: not JSON\n\n", chunk("b", "length"), USAGE, DONE]),
+        Recorder(chunks=[chunk("a", "length"), USAGE, b"data: [DONE]"]),
+    ],
+    ids=["500", "html-502", "html-400", "slow-first-token", "stall", "death", "no-done", "error-event",
+         "error-event-no-done", "not-json-event", "done-unterminated"],
+)  # fmt: skip
+def test_a_fan_out_reports_and_counts_a_backend_fault_as_a_plain_call_does(fault: Recorder) -> None:
+    """The same backend fault, met by a plain streaming call, a fan-out and a streaming fan-out: the same error
+    code (or none), and the same counts (backend failures by reason, calls by status), once each."""
+    with ThreadServer(fault.app()) as b, gateway(("b", b.url)) as gw:
+        before = tally(gw.url)
+        plain = httpx.post(f"{gw.url}/v1/chat/completions", json=STREAM, timeout=10)
+        counted = tally(gw.url) - before
+        fanout = {"models": ["m"], "messages": MSG, "max_tokens": 3}
+        answer = httpx.post(f"{gw.url}/v1/compare/chat/completions", json=fanout, timeout=10)
+        [result] = answer.json()["results"]
+        assert (result["error"] or {}).get("code") == last_error_code(plain), (result["error"], plain.content)
+        assert tally(gw.url) - before == counted + counted
+        streamed = httpx.post(f"{gw.url}/v1/compare/chat/completions", json={**fanout, "stream": True}, timeout=10)
+        [result] = [json.loads(e[6:]) for e in events(streamed.content) if e.startswith(b'data: {"type": "result"')]
+        assert (result["error"] or {}).get("code") == last_error_code(plain), result["error"]
+        assert tally(gw.url) - before == counted + counted + counted

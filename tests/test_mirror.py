@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import pytest
 
 from gateway.app import create_app
 from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
@@ -44,12 +45,20 @@ def wait_for(condition: Any, timeout: float = 3.0) -> None:
         time.sleep(0.02)
 
 
+def stored_pair(url: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The one stored comparison, once both sides of the pair are in, and its rows by model (read as a client)."""
+    wait_for(lambda: [c["calls"] for c in httpx.get(f"{url}/v1/compare").json()["data"]] == [2])
+    [pair] = httpx.get(f"{url}/v1/compare").json()["data"]
+    rows = httpx.get(f"{url}/v1/compare/{pair['id']}").json()["results"]
+    return pair, {r["model"]: r for r in rows}
+
+
 def test_mirror_pairs_identical_requests_and_stays_out_of_client_metrics() -> None:
     rec = Recorder(chunks=[
         b'data: {"choices":[{"index":0,"delta":{"content":"shadow says hi"},"finish_reason":"length"}]}\n\n',
         b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":3}}\n\n',
         b"data: [DONE]\n\n"])  # fmt: skip
-    with mirrored({"to": ["shadow"], "fraction": 1.0}, rec.app()) as (url, gw):
+    with mirrored({"to": ["shadow"], "fraction": 1.0}, rec.app()) as (url, _):
         body = {"model": "primary", "messages": MSG, "max_tokens": 5, "temperature": 0.5, "seed": 3, "top_k": 4}
         answer = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": True}).content
         assert b"shadow" not in answer and answer.endswith(b"data: [DONE]\n\n")  # the client's answer is its own
@@ -69,13 +78,47 @@ def test_mirror_pairs_identical_requests_and_stays_out_of_client_metrics() -> No
         assert metric(text, "gateway_cost_usd_total", model="shadow") == 0  # not client-facing cost
         assert metric(text, "gateway_mirror_completion_tokens_total", model="shadow") == 3
         assert metric(text, "gateway_requests_total", model="primary", status="200") == 1
-        wait_for(lambda: len(gw.store.recent()) == 1 and gw.store.recent()[0]["calls"] == 2)
-        pair = gw.store.recent()[0]
-        rows = {r.model: r for r in gw.store.comparison(str(pair["id"]))}
+        pair, rows = stored_pair(url)
         assert pair["kind"] == "mirror" and set(rows) == {"primary", "shadow"}
-        assert rows["primary"].ttft_s is not None and rows["primary"].ttft_s >= 0.04
-        assert rows["shadow"].completion_tokens == 3
-        assert rows["primary"].text is None and rows["shadow"].text is None  # prompts may be private
+        assert rows["primary"]["ttft_s"] is not None and rows["primary"]["ttft_s"] >= 0.04
+        assert rows["shadow"]["completion_tokens"] == 3
+        assert rows["primary"]["text"] is None and rows["shadow"]["text"] is None  # prompts may be private
+
+
+def client_text(answer: httpx.Response) -> str:
+    """The answer's text as the client received it: a stream's deltas, or the body's message or text."""
+    if not answer.headers["content-type"].startswith("text/event-stream"):
+        choice = answer.json()["choices"][0]
+        return str(choice["message"]["content"] if "message" in choice else choice["text"])
+    parts = []
+    for event in answer.text.split("\n\n"):
+        if event.startswith("data: {"):
+            for choice in json.loads(event[6:])["choices"]:
+                parts.append(choice.get("delta", {}).get("content") or choice.get("text") or "")
+    return "".join(parts)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": MSG, "stream": True}),
+        ("/v1/chat/completions", {"messages": MSG}),
+        ("/v1/completions", {"prompt": "mirror me", "stream": True}),
+        ("/v1/completions", {"prompt": "mirror me"}),
+    ],
+    ids=["chat-stream", "chat", "completions-stream", "completions"],
+)
+def test_keep_text_keeps_the_answers_of_both_sides_of_a_pair(path: str, body: dict[str, Any]) -> None:
+    """``keep_text: true`` stores the client's own answer (as the client received it) beside the shadow's; it was
+    kept for the shadow only. Off by default (test_mirror_pairs_identical_requests_and_stays_out_of_client_metrics)."""
+    with mirrored({"to": ["shadow"], "fraction": 1.0, "keep_text": True}) as (url, _):
+        answer = httpx.post(f"{url}{path}", json={"model": "primary", "max_tokens": 5, **body})
+        assert answer.status_code == 200
+        _, rows = stored_pair(url)
+        assert rows["primary"]["text"] == client_text(answer) and len(rows["primary"]["text"]) > 5
+        assert rows["shadow"]["text"]
+        for side in ("primary", "shadow"):
+            assert rows[side]["finish_reason"] in ("length", "stop") and rows[side]["error"] is None
 
 
 def test_mirror_concurrency_is_bounded_and_sampling_respected() -> None:
@@ -88,9 +131,9 @@ def test_mirror_concurrency_is_bounded_and_sampling_respected() -> None:
         assert time.perf_counter() - started < 1.0  # never waited for the 1 s mirror
         text = httpx.get(f"{url}/metrics").text
         assert metric(text, "gateway_mirror_skipped_total", model="shadow") == 2
-    with mirrored({"to": ["shadow"], "fraction": 0.0}) as (url, gw):
+    with mirrored({"to": ["shadow"], "fraction": 0.0}) as (url, _):
         httpx.post(f"{url}/v1/completions", json={"model": "primary", "prompt": "x", "max_tokens": 2})
-        assert gw.store.recent() == []
+        assert httpx.get(f"{url}/v1/compare").json()["data"] == []
 
 
 def client_ttfts(url: str, n: int) -> list[float]:

@@ -234,7 +234,7 @@ async def recent(request: Request, limit: int = 50) -> Response:
         _admin_only(request)
     except GatewayError as err:
         return error_response(err)
-    return JSONResponse({"object": "list", "data": gw.store.recent(max(1, min(limit, 500)))})
+    return JSONResponse({"object": "list", "data": await gw.store.recent(max(1, min(limit, 500)))})
 
 
 @router.get("/v1/compare/{comparison_id}", response_model=None)
@@ -244,7 +244,7 @@ async def one_comparison(request: Request, comparison_id: str) -> Response:
         _admin_only(request)
     except GatewayError as err:
         return error_response(err)
-    rows = gw.store.comparison(comparison_id)
+    rows = await gw.store.comparison(comparison_id)
     if not rows:
         return error_response(NotFound(f"no comparison {comparison_id!r}"))
     return JSONResponse({"id": comparison_id, "results": [as_dict(r) for r in rows]})

@@ -15,12 +15,20 @@ from fastapi.responses import JSONResponse, Response
 from gateway.api.responses import error_response
 from gateway.auth import Client
 from gateway.config import ModelCard
-from gateway.errors import GatewayError, ModelNotFound, UpstreamBadResponse, status_reason
+from gateway.errors import GatewayError, ModelNotFound, UpstreamBadResponse
 from gateway.protocol import Endpoint, openapi_body, parse_request, upstream_body
 from gateway.relay.asgi import ClientWatch, receive_body
 from gateway.relay.backends import Upstream
-from gateway.relay.proxy import CLIENT_CLOSED, Exchange, RelayResponse, read_upstream, response_headers
-from gateway.relay.sse import read_usage
+from gateway.relay.proxy import (
+    CLIENT_CLOSED,
+    Exchange,
+    RelayResponse,
+    count_failure,
+    error_answer,
+    read_upstream,
+    response_headers,
+)
+from gateway.relay.sse import StreamObserver, read_usage
 from gateway.state import Gateway
 
 router = APIRouter()
@@ -154,18 +162,23 @@ async def proxy(gw: Gateway, request: Request, endpoint: Endpoint) -> Response:
     upstream, content = result
     if content is None:
         inline = gw.settings.gateway.relay_inline
-        return RelayResponse(ex, upstream, gw.recorder, watch, strip_usage=not parsed.client_wants_usage, inline=inline)
+        strip = not parsed.client_wants_usage
+        return RelayResponse(ex, upstream, gw.recorder, watch, strip_usage=strip, keep_text=ex.keep_text, inline=inline)
     watch.close()
     done = time.perf_counter()
     status = upstream.response.status_code
     if status != 200:
         return _upstream_error(gw, ex, status, content, upstream.response.headers.get("retry-after"))
     try:
-        usage = read_usage(json.loads(content))
+        answer = json.loads(content)
     except ValueError:
         return _failed(gw, ex, UpstreamBadResponse(f"backend {ex.backend} sent a body that is not JSON"))
     e2e = done - ex.t0
-    gw.recorder.finished(ex, 200, e2e=e2e, usage=usage)
+    observer = None
+    if ex.pair_id is not None:  # stored with its mirrors: the finish reason, and the text if kept
+        observer = StreamObserver(t0=ex.t0, keep_text=ex.keep_text)
+        observer.observe_answer(answer)
+    gw.recorder.finished(ex, 200, e2e=e2e, usage=read_usage(answer), observer=observer)
     timing = f"e2e;dur={e2e * 1000:.3f}, upstream;dur={(done - sent) * 1000:.3f}"
     return _raw(ex, 200, content, {"server-timing": timing})
 
@@ -180,8 +193,7 @@ def _raw(ex: Exchange, status: int, body: bytes, extra: dict[str, str] | None = 
 
 
 def _failed(gw: Gateway, ex: Exchange, err: GatewayError) -> JSONResponse:
-    if err.upstream_reason and not err.counted:
-        gw.metrics.upstream_errors.labels(ex.backend, err.upstream_reason).inc()
+    count_failure(gw.metrics, ex.backend, err)
     gw.recorder.failed(ex, err.status)
     response = error_response(err, ex.request_id)
     response.headers["x-gateway-backend"] = ex.backend
@@ -190,15 +202,10 @@ def _failed(gw: Gateway, ex: Exchange, err: GatewayError) -> JSONResponse:
 
 
 def _upstream_error(gw: Gateway, ex: Exchange, status: int, body: bytes, retry_after: str | None) -> Response:
-    """A backend's error status: passed through with its body when that body is an error object. (A 5xx or 429
-    was already counted by the pool.)"""
-    try:
-        ok = isinstance(json.loads(body), dict)
-    except ValueError:
-        ok = False
-    if not ok:
-        err = UpstreamBadResponse(f"backend {ex.backend} answered {status} with a non-JSON body")
-        err.counted = status_reason(status) is not None
+    """A backend's error status: passed through with its body when that body is an error object (see
+    ``relay.proxy.error_answer``)."""
+    err = error_answer(ex.backend, status, body)
+    if err is not None:
         return _failed(gw, ex, err)
     gw.recorder.failed(ex, status)
     return _raw(ex, status, body, {"retry-after": retry_after} if retry_after else None)

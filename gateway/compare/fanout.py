@@ -21,13 +21,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.auth import Client
-from gateway.compare.store import CallResult
+from gateway.compare.store import CallResult, list_cost, measured
 from gateway.config import ModelCard
-from gateway.cost import gpu_usd_of_call, list_price_usd
-from gateway.errors import GatewayError, UpstreamStreamError
+from gateway.cost import gpu_usd_of_call
+from gateway.errors import GatewayError
+from gateway.metrics import Metrics
 from gateway.protocol import Endpoint, dump_json
-from gateway.relay.backends import BackendPool, close_upstream, iter_body
-from gateway.relay.proxy import CLIENT_CLOSED, Exchange, Recorder
+from gateway.relay.backends import BackendPool, Upstream, close_upstream, read_body
+from gateway.relay.proxy import (
+    CLIENT_CLOSED,
+    Exchange,
+    Recorder,
+    count_failure,
+    done_status,
+    error_answer,
+    read_to_end,
+    stream_failure,
+    unterminated,
+)
 from gateway.relay.sse import SSEFramer, StreamObserver
 
 OnEvent = Callable[[str, bytes], Awaitable[None]]  # (model, raw JSON of one vLLM chunk)
@@ -96,27 +107,11 @@ class Outcome:
         }
 
     def to_result(self, comparison_id: str, kind: str, card: ModelCard | None, keep_text: bool) -> CallResult:
-        m = self.metrics()
-        return CallResult(
-            comparison_id=comparison_id,
-            kind=kind,
-            model=self.model,
-            backend=self.backend,
-            family=card.family if card else "",
-            origin=card.origin if card else "",
-            ttft_s=m["ttft_s"],
-            tpot_s=m["tpot_s"],
-            e2e_s=m["e2e_s"],
-            prompt_tokens=m["prompt_tokens"] or 0,
-            completion_tokens=m["completion_tokens"] or 0,
-            output_tps=m["output_tokens_per_s"],
-            cost_gpu_usd=self.cost_gpu_usd,
-            cost_list_usd=self.cost_list_usd,
-            finish_reason=self.observer.finish_reason,
-            text="".join(self.observer.text) if keep_text and self.error is None else None,
-            error=None if self.error is None else str(self.error.get("message", self.error)),
-            created_at=time.time() - (time.perf_counter() - self.observer.t0),
-        )
+        error = None if self.error is None else str(self.error.get("message", self.error))
+        return measured(
+            comparison_id, kind, self.model, self.observer, backend=self.backend, card=card,
+            cost_gpu_usd=self.cost_gpu_usd, error=error, keep_text=keep_text,
+        )  # fmt: skip
 
 
 def streaming_body(body: dict[str, Any], model: str) -> bytes:
@@ -166,9 +161,11 @@ async def call_model(
     charge: Charge | None = None,
     queue: bool = True,
 ) -> Outcome:
-    """Stream one model's answer to ``body``; never raises for the model's own failure (it is the outcome). When
-    the task is cancelled (the client left), the call is recorded as 499 with what it had received, then the
-    cancellation goes on. ``charge``: the API key's tokens reserved for this call, settled when it ends."""
+    """Stream one model's answer to ``body``; never raises for the model's own failure (it is the outcome). A
+    failure is what the relay makes of it (``gateway.relay.proxy``): the same error, status and count a plain call
+    to the same backend gets. When the task is cancelled (the client left), the call is recorded as 499 with what
+    it had received, then the cancellation goes on. ``charge``: the API key's tokens reserved for this call,
+    settled when it ends."""
     model = card.id
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     ex = Exchange(request_id, endpoint, time.perf_counter(), model=model, card=card)
@@ -180,6 +177,7 @@ async def call_model(
     try:
         upstream = await pool.open(model, path, streaming_body(body, model), headers, stream=True, queue=queue)
     except GatewayError as err:
+        count_failure(pool.metrics, ex.backend, err)
         if recorder:
             recorder.failed(ex, err.status)
         elif charge is not None:
@@ -193,47 +191,22 @@ async def call_model(
     ex.backend = backend.name
     series = pool.metrics.series(model, backend.name)
     series.in_flight.inc()
-    load_sum, load_n = backend.in_flight, 1  # requests the backend was serving, sampled at each read
     status = upstream.response.status_code
     error: dict[str, Any] | None = None
+    load = 1.0
     cancelled = False
     try:
         if status != 200:
-            raw = b"".join([c async for c in iter_body(upstream)])
-            try:
-                error = json.loads(raw).get("error") or {"message": raw.decode(errors="replace")[:500]}
-            except (ValueError, AttributeError):
-                error = {"message": f"backend {backend.name} answered {status}", "code": status}
+            error, status = await _error_answer(upstream, pool.metrics)
         else:
-            framer = SSEFramer()
-            async for data in iter_body(upstream):
-                load_sum, load_n = load_sum + backend.in_flight, load_n + 1
-                for event in framer.feed(data):
-                    if event.data is None:
-                        continue
-                    if event.data == "[DONE]":
-                        observer.done = True
-                        continue
-                    chunk = json.loads(event.data)
-                    usage_only = observer.observe_obj(chunk)
-                    if isinstance(chunk, dict):
-                        answer.take(chunk)
-                    if on_event is not None and (forward_usage or not usage_only) and observer.error is None:
-                        await on_event(model, event.data.encode())
-            if observer.error is not None:
-                upstream.broke("stream_error")
-                error, status = observer.error, 502
-            elif not observer.done:
-                raise UpstreamStreamError(f"backend {backend.name} ended the stream without [DONE]")
+            status, load = await _read_stream(upstream, observer, answer, model, on_event, forward_usage)
+            error = observer.error
     except asyncio.CancelledError:
         cancelled = True
         raise
-    except GatewayError as err:
-        upstream.broke(err.upstream_reason or "bad_response")
-        error, status = err.body()["error"], err.status
-    except ValueError as err:
-        upstream.broke("bad_response")
-        error, status = {"message": f"backend {backend.name} sent a malformed stream: {err}"}, 502
+    except (GatewayError, ValueError) as exc:
+        failure = stream_failure(upstream, exc)
+        error, status = failure.body()["error"], failure.status
     finally:
         await close_upstream(upstream)
         upstream.release()
@@ -243,8 +216,58 @@ async def call_model(
     elapsed = time.perf_counter() - ex.t0
     usage = observer.usage if error is None else None
     per_hour = pool.settings.backend_cost_per_hour(backend.config)
-    gpu = gpu_usd_of_call(per_hour, elapsed, load_sum / load_n) if error is None else None
-    listed = list_price_usd(card.list_price, usage.prompt_tokens, usage.completion_tokens) if usage else None
+    gpu = gpu_usd_of_call(per_hour, elapsed, load) if error is None else None
     if recorder:
-        recorder.finished(ex, 200 if error is None else status, e2e=observer.e2e, usage=usage, observer=observer)
-    return Outcome(model, backend.name, observer, answer, error, status, gpu, listed if card.list_price else None)
+        recorder.finished(ex, status, e2e=observer.e2e, usage=usage, observer=observer)
+    return Outcome(model, backend.name, observer, answer, error, status, gpu, list_cost(card, usage))
+
+
+async def _error_answer(upstream: Upstream, metrics: Metrics) -> tuple[dict[str, Any], int]:
+    """A backend's error status (the pool had no retry left): its error object and status, or the gateway's when
+    its body is not an error object or cannot be read (as ``api.openai`` answers a plain call)."""
+    name, status = upstream.backend.name, upstream.response.status_code
+    try:
+        raw = await read_body(upstream)
+    except GatewayError as err:
+        count_failure(metrics, name, err)
+        return err.body()["error"], err.status
+    bad = error_answer(name, status, raw)
+    if bad is not None:
+        count_failure(metrics, name, bad)
+        return bad.body()["error"], bad.status
+    inner = json.loads(raw).get("error")
+    return (inner if isinstance(inner, dict) else {"message": raw.decode(errors="replace")[:500]}), status
+
+
+async def _read_stream(
+    upstream: Upstream, observer: StreamObserver, answer: Answer, model: str, on_event: OnEvent | None,
+    forward_usage: bool,
+) -> tuple[int, float]:  # fmt: skip
+    """Read the model's stream to its end as the relay does: the status to record (200, or 500 after the backend's
+    own error event) and the mean number of requests the backend served meanwhile. Raises what the relay reports
+    as an error event (a read that failed or timed out, no ``[DONE]``, an oversized event)."""
+    backend = upstream.backend
+    framer = SSEFramer()
+    load_sum, load_n = backend.in_flight, 1  # requests the backend was serving, sampled at each read
+    while not observer.done and (data := await upstream.read()) is not None:
+        load_sum, load_n = load_sum + backend.in_flight, load_n + 1
+        for event in framer.feed(data):
+            if event.data is None:
+                continue
+            if event.data == "[DONE]":
+                observer.done = True
+                continue
+            try:
+                chunk = json.loads(event.data)
+            except ValueError:  # a plain call relays it as it is; a fan-out has nothing to tag
+                continue
+            usage_only = observer.observe_obj(chunk)
+            if isinstance(chunk, dict):
+                answer.take(chunk)
+            if on_event is not None and (forward_usage or not usage_only) and observer.error is None:
+                await on_event(model, event.data.encode())
+    if not observer.done:
+        unterminated(framer, observer, backend.name)
+    status = done_status(upstream, observer)
+    await read_to_end(upstream)
+    return status, load_sum / load_n

@@ -6,9 +6,10 @@ response. Each mirrored call is a fan-out of one (``fanout.call_model``): the cl
 model, always streamed with usage, never queued for a busy backend (``Overloaded`` at once). Their number is
 bounded per source model (``mirror.max_concurrency``, mirrors of that model's calls in flight): when the bound is
 full a mirror is skipped and counted (``gateway_mirror_skipped_total``), never queued. The client's call and its
-mirrors share a pair id and are recorded in the results store (``kind = "mirror"``; answers only with
-``keep_text``), the client's side when it ends (``record_primary``, through ``Recorder.on_pair``). Mirrored calls
-go to ``gateway_mirror_*`` metrics, never to the client-facing ones or their cost.
+mirrors share a pair id and are recorded in the results store (``kind = "mirror"``; the answers, the client's as
+it received it and the mirrors', only with ``keep_text``), the client's side when it ends (``record_primary``,
+through ``Recorder.on_pair``). Mirrored calls go to ``gateway_mirror_*`` metrics, never to the client-facing ones
+or their cost.
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 import uuid
 from typing import Any
 
 from gateway.compare.fanout import call_model
-from gateway.compare.store import CallResult, Store
+from gateway.compare.store import measured
+from gateway.compare.writer import StoreWriter
 from gateway.config import MirrorRule, Settings
-from gateway.cost import list_price_usd
 from gateway.metrics import Metrics
 from gateway.protocol import Endpoint
 from gateway.relay.backends import BackendPool
@@ -36,7 +36,12 @@ log = logging.getLogger("gateway.compare.mirror")
 
 class Mirror:
     def __init__(
-        self, settings: Settings, pool: BackendPool, metrics: Metrics, store: Store, rng: random.Random | None = None
+        self,
+        settings: Settings,
+        pool: BackendPool,
+        metrics: Metrics,
+        store: StoreWriter,
+        rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
@@ -48,10 +53,12 @@ class Mirror:
         self.tasks: set[asyncio.Task[None]] = set()
 
     def maybe(self, ex: Exchange, body: dict[str, Any], endpoint: Endpoint) -> str | None:
-        """Start the mirrors of this call if it is sampled; returns the pair id (None: not mirrored)."""
+        """Start the mirrors of this call if it is sampled; returns the pair id (None: not mirrored). A sampled
+        call keeps its own answer's text too when the rule keeps the mirrors' (``ex.keep_text``)."""
         rule = self.rules.get(ex.model)
         if rule is None or self.rng.random() >= rule.fraction:
             return None
+        ex.keep_text = rule.keep_text
         pair_id = f"pair-{uuid.uuid4().hex}"
         request = dict(body)  # the client's parameters, as it sent them
         for target in rule.to:
@@ -95,22 +102,13 @@ class Mirror:
     ) -> None:  # fmt: skip
         """The client's own call, stored under the pair id so the pair can be compared."""
         rule = self.rules[ex.model]
-        card = ex.card
-        tpot = observer.tpot if observer else None
-        self.store.add([CallResult(
-            comparison_id=pair_id, kind="mirror", model=ex.model, backend=ex.backend,
-            family=card.family if card else "", origin=card.origin if card else "",
-            ttft_s=observer.ttft if observer else None, tpot_s=tpot, e2e_s=e2e,
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completion_tokens=usage.completion_tokens if usage else 0,
-            output_tps=1.0 / tpot if tpot else None,
-            cost_list_usd=list_price_usd(card.list_price, usage.prompt_tokens, usage.completion_tokens)
-            if usage and card and card.list_price else None,
-            finish_reason=observer.finish_reason if observer else None,
-            text="".join(observer.text) if observer and rule.keep_text else None,
-            error=None if status == 200 else f"status {status}",
-            created_at=time.time() - (time.perf_counter() - ex.t0),
-        )])  # fmt: skip
+        seen = observer or StreamObserver(t0=ex.t0, usage=usage)  # a non-streaming call: no token times
+        error = None if status == 200 else f"status {status}"
+        row = measured(
+            pair_id, "mirror", ex.model, seen, backend=ex.backend, card=ex.card, e2e_s=e2e, error=error,
+            keep_text=rule.keep_text,
+        )  # fmt: skip
+        self.store.add([row])
 
     async def close(self) -> None:
         for task in list(self.tasks):

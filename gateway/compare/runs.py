@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from gateway.compare.store import CallResult
+from gateway.compare.store import CallResult, measured
 from gateway.config import ModelCard
 from gateway.cost import list_price_usd
 from gateway.relay.sse import SSEFramer, StreamObserver
@@ -122,38 +122,43 @@ async def call(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    result = CallResult(comparison_id, "run", model, prompt.id, prompt.category, repeat, created_at=time.time())
     obs = StreamObserver(t0=time.perf_counter(), keep_text=True)
-    framer = SSEFramer()
+    backend: str | None = None
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
-            result.backend = response.headers.get("x-gateway-backend")
-            if response.status_code != 200:
-                raw = await response.aread()
-                try:
-                    result.error = f"HTTP {response.status_code}: {json.loads(raw)['error']['message']}"
-                except (ValueError, KeyError, TypeError):
-                    result.error = f"HTTP {response.status_code}: {raw[:200]!r}"
-                return result
-            async for data in response.aiter_raw():
-                for event in framer.feed(data):
-                    obs.observe(event)
+            backend = response.headers.get("x-gateway-backend")
+            if response.status_code == 200:
+                error = await _observe(response, obs)
+            else:
+                error = _refusal(response.status_code, await response.aread())
     except httpx.HTTPError as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
-        return result
-    result.ttft_s, result.tpot_s, result.e2e_s = obs.ttft, obs.tpot, obs.e2e
-    result.output_tps = 1.0 / obs.tpot if obs.tpot else None
-    result.finish_reason = obs.finish_reason
-    result.text = "".join(obs.text)
-    if obs.usage:
-        result.prompt_tokens, result.completion_tokens = obs.usage.prompt_tokens, obs.usage.completion_tokens
+        error = f"{type(exc).__name__}: {exc}"
+    return measured(
+        comparison_id, "run", model, obs, backend=backend, error=error, keep_text=True, prompt_id=prompt.id,
+        prompt_category=prompt.category, repeat=repeat,
+    )  # fmt: skip
+
+
+async def _observe(response: httpx.Response, obs: StreamObserver) -> str | None:
+    """Time the stream; its error, if it has one."""
+    framer = SSEFramer()
+    async for data in response.aiter_raw():
+        for event in framer.feed(data):
+            obs.observe(event)
     if obs.error is not None:
-        result.error = str(obs.error.get("message", obs.error))
-    elif not obs.done:
-        result.error = "the stream ended without [DONE]"
-    elif obs.first_token is None:
-        result.error = "no token-bearing chunk: the model produced no visible text"
-    return result
+        return str(obs.error.get("message", obs.error))
+    if not obs.done:
+        return "the stream ended without [DONE]"
+    if obs.first_token is None:
+        return "no token-bearing chunk: the model produced no visible text"
+    return None
+
+
+def _refusal(status: int, raw: bytes) -> str:
+    try:
+        return f"HTTP {status}: {json.loads(raw)['error']['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {status}: {raw[:200]!r}"
 
 
 class ProgressBar:

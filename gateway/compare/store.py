@@ -39,6 +39,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from gateway.config import ModelCard
+from gateway.cost import list_price_usd
+from gateway.relay.sse import StreamObserver, Usage
+
 
 @dataclass(slots=True)
 class CallResult:
@@ -69,6 +73,59 @@ class CallResult:
         return self.error is None
 
 
+def measured(
+    comparison_id: str,
+    kind: str,
+    model: str,
+    observer: StreamObserver,
+    *,
+    backend: str | None = None,
+    card: ModelCard | None = None,
+    e2e_s: float | None = None,
+    cost_gpu_usd: float | None = None,
+    error: str | None = None,
+    keep_text: bool = False,
+    prompt_id: str = "",
+    prompt_category: str = "",
+    repeat: int = 0,
+) -> CallResult:
+    """The stored row of one measured call (a fan-out's, a mirrored pair's, a comparison run's): its timings,
+    tokens and finish reason as ``observer`` saw them (E2E is the last token's, unless ``e2e_s`` gives another: a
+    non-streaming answer's), family, origin and list-price cost from the model card (no cost for a call that
+    failed), and the text that arrived when ``keep_text`` (a failed call's partial answer too)."""
+    usage, tpot = observer.usage, observer.tpot
+    return CallResult(
+        comparison_id=comparison_id,
+        kind=kind,
+        model=model,
+        prompt_id=prompt_id,
+        prompt_category=prompt_category,
+        repeat=repeat,
+        backend=backend,
+        family=card.family if card else "",
+        origin=card.origin if card else "",
+        ttft_s=observer.ttft,
+        tpot_s=tpot,
+        e2e_s=observer.e2e if e2e_s is None else e2e_s,
+        prompt_tokens=usage.prompt_tokens if usage else 0,
+        completion_tokens=usage.completion_tokens if usage else 0,
+        output_tps=1.0 / tpot if tpot else None,
+        cost_gpu_usd=cost_gpu_usd,
+        cost_list_usd=list_cost(card, usage) if error is None else None,
+        finish_reason=observer.finish_reason,
+        text="".join(observer.text) if keep_text else None,
+        error=error,
+        created_at=time.time() - (time.perf_counter() - observer.t0),  # the observer's clock is perf_counter
+    )
+
+
+def list_cost(card: ModelCard | None, usage: Usage | None) -> float | None:
+    """Usage x the card's list prices; None when either is unknown."""
+    if card is None or card.list_price is None or usage is None:
+        return None
+    return list_price_usd(card.list_price, usage.prompt_tokens, usage.completion_tokens)
+
+
 COLUMNS = tuple(f.name for f in fields(CallResult))
 _TYPES = {
     "repeat": "INTEGER", "prompt_tokens": "INTEGER", "completion_tokens": "INTEGER", "created_at": "REAL",
@@ -84,25 +141,39 @@ SCHEMA = (
 
 
 class Store:
-    """A SQLite file (or ``:memory:``) shared by the event loop's thread and worker threads, writes serialised."""
+    """A SQLite file (or ``:memory:``), used synchronously from any thread, one statement at a time. ``gateway
+    compare`` writes its results with it directly; in the gateway only the writer thread and the reads' threads
+    touch it (``gateway.compare.writer``), never the event loop."""
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, busy_timeout_s: float = 5.0) -> None:
         if str(path) != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.path = str(path)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=5000")  # several gateway workers may write the same file
+        # several gateway workers may write the same file: wait this long for another's write to finish
+        self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
 
     def add(self, results: Iterable[CallResult]) -> None:
+        """Insert the rows in one transaction: all of them or, if SQLite refuses (a locked file), none."""
         rows = [
             tuple(getattr(r, c) if c != "created_at" or r.created_at else time.time() for c in COLUMNS) for r in results
         ]
+        if not rows:
+            return
         with self._lock:
-            self._db.executemany(
-                f"INSERT INTO results ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", rows
-            )
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    f"INSERT INTO results ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", rows
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.rollback()
+                raise
 
     def comparison(self, comparison_id: str) -> list[CallResult]:
         return self._select("WHERE comparison_id = ? ORDER BY id", (comparison_id,))

@@ -13,12 +13,19 @@ arrival order. Measured side by side, this took about a fifth off the CPU per st
 
 An error after the first byte goes out in-band: an SSE error event, then ``data: [DONE]``. A stream that ends
 without ``[DONE]`` is reported the same way: never a silent end that a client would take for a complete answer.
+
+What a backend's failure becomes (the error reported, the status recorded, the reason counted once in
+``gateway_upstream_errors_total``) is decided by the functions at the end of this module, for every reader of an
+upstream response: ``count_failure``, ``error_answer`` (an error status), ``stream_failure`` (a stream broken off,
+stalled or malformed), ``unterminated`` (no ``[DONE]``), ``done_status`` (the backend's own error event) and
+``read_to_end``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +36,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.auth import Client
 from gateway.config import ModelCard
 from gateway.cost import list_price_usd
-from gateway.errors import GatewayError, ShuttingDown, UpstreamStreamError
+from gateway.errors import GatewayError, ShuttingDown, UpstreamBadResponse, UpstreamStreamError, status_reason
 from gateway.metrics import NO_BACKEND, NO_MODEL, Metrics, observe_all
 from gateway.protocol import Endpoint
 from gateway.relay.asgi import ClientWatch, send_now
@@ -39,6 +46,7 @@ from gateway.relay.sse import SSEFramer, StreamObserver, Usage
 log = logging.getLogger("gateway.relay.proxy")
 
 CLIENT_CLOSED = 499  # status label of a call the client abandoned (nginx's convention)
+STREAM_ERROR = 500  # status recorded for a stream that carried the backend's own error event (relayed as it was)
 
 
 @dataclass(slots=True)
@@ -52,6 +60,7 @@ class Exchange:
     backend: str = NO_BACKEND
     card: ModelCard | None = None
     pair_id: str | None = None  # set when shadow mirroring sampled this call
+    keep_text: bool = False  # keep the answer's text for the store (a mirrored pair whose rule says keep_text)
     client: Client | None = None  # the API key's client, when keys are configured (charged for tokens)
     reserved: int = 0  # tokens reserved against the client's tpm when the call was admitted
     prompt_estimate: int = 0  # the prompt's tokens as estimated at admission (charged if no usage ever comes)
@@ -240,17 +249,10 @@ class RelayResponse(Response):
                 if out:
                     await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
             await self._sent()
-            tail = framer.flush()
-            if tail is not None:
-                observer.observe(tail)
-            if observer.done:  # ``[DONE]`` without its blank line, at the very end
-                return await self._end(send, b"")
-            raise UpstreamStreamError(f"backend {self.ex.backend} ended the stream without [DONE]")
-        except GatewayError as err:
-            return await self._fail(send, err, err.upstream_reason)
-        except ValueError as err:  # an event larger than the framer accepts
-            bad = UpstreamStreamError(f"backend {self.ex.backend} sent a malformed stream: {err}")
-            return await self._fail(send, bad, "bad_response")
+            unterminated(framer, observer, self.ex.backend)
+            return await self._end(send, b"")  # ``[DONE]`` without its blank line, at the very end
+        except (GatewayError, ValueError) as exc:
+            return await self._fail(send, stream_failure(upstream, exc))
         finally:
             response.inline = None
 
@@ -281,23 +283,14 @@ class RelayResponse(Response):
         """``[DONE]`` has arrived: send the rest with the end of the response, then read what is left upstream
         (nothing but the end of the body, from vLLM) so its connection can be reused. The client already has its
         whole answer, so a failure now only counts against the backend."""
-        upstream, error = self.upstream, self.observer.error
+        upstream = self.upstream
         upstream.response.inline = None  # the reads below are the task's own
-        if error is not None:
-            upstream.broke("stream_error")
-        self.settled = 200 if error is None else 500
+        self.settled = done_status(upstream, self.observer)
         await send({"type": "http.response.body", "body": last, "more_body": False})
-        try:
-            while await upstream.read() is not None:
-                pass
-        except GatewayError as err:
-            if err.upstream_reason:
-                upstream.broke(err.upstream_reason)
+        await read_to_end(upstream)
         return self.settled
 
-    async def _fail(self, send: Send, err: GatewayError, reason: str | None) -> int:
-        if reason:
-            self.upstream.broke(reason)
+    async def _fail(self, send: Send, err: GatewayError) -> int:
         await self._sent()
         self.settled = err.status
         await send({"type": "http.response.body", "body": err.sse_event(), "more_body": False})
@@ -309,3 +302,71 @@ async def read_upstream(upstream: Upstream) -> bytes:
         return await read_body(upstream)
     finally:
         await close_upstream(upstream)
+
+
+# -- what a backend's failure becomes, for every reader of an upstream response ---------------------------------
+def count_failure(metrics: Metrics, backend: str, err: GatewayError) -> None:
+    """Count a backend's failure in ``gateway_upstream_errors_total`` unless it already was (by the pool, which
+    counts what it sees itself and marks the error ``counted``)."""
+    if err.upstream_reason and not err.counted:
+        metrics.upstream_errors.labels(backend, err.upstream_reason).inc()
+        err.counted = True
+
+
+def error_answer(backend: str, status: int, body: bytes) -> GatewayError | None:
+    """A backend's answer with an error status, once the pool has no retry left. None when its body is a JSON
+    object: that goes to the client as it is, with its status. Anything else is a 502 ``UpstreamBadResponse``,
+    to be counted as ``bad_response`` unless its status already was (a 5xx or 429: by the pool)."""
+    try:
+        if isinstance(json.loads(body), dict):
+            return None
+    except ValueError:
+        pass
+    err = UpstreamBadResponse(f"backend {backend} answered {status} with a non-JSON body")
+    err.counted = status_reason(status) is not None
+    return err
+
+
+def stream_failure(upstream: Upstream, exc: GatewayError | ValueError) -> GatewayError:
+    """A stream that failed after it began (a read that failed or timed out, no ``[DONE]``, an event larger than
+    the framer takes): the error to report, with the backend's failure counted once and held against it."""
+    if isinstance(exc, GatewayError):
+        err, reason = exc, exc.upstream_reason
+    else:
+        err, reason = (
+            UpstreamStreamError(f"backend {upstream.backend.name} sent a malformed stream: {exc}"),
+            "bad_response",
+        )
+    if reason:
+        upstream.broke(reason)
+    return err
+
+
+def unterminated(framer: SSEFramer, observer: StreamObserver, backend: str) -> None:
+    """The backend's body ended: the event it left without its blank line is observed (it may be ``[DONE]``);
+    a stream still without ``[DONE]`` is an ``UpstreamStreamError``, never taken for a complete answer."""
+    tail = framer.flush()
+    if tail is not None:
+        observer.observe(tail)
+    if not observer.done:
+        raise UpstreamStreamError(f"backend {backend} ended the stream without [DONE]")
+
+
+def done_status(upstream: Upstream, observer: StreamObserver) -> int:
+    """``[DONE]`` has arrived: the status to record, 200, or ``STREAM_ERROR`` when the backend put its own error
+    event in the stream (relayed as it was; counted once as ``stream_error``)."""
+    if observer.error is None:
+        return 200
+    upstream.broke("stream_error")
+    return STREAM_ERROR
+
+
+async def read_to_end(upstream: Upstream) -> None:
+    """After ``[DONE]``: read what is left (nothing but the end of the body, from vLLM) so the connection can be
+    reused. The answer is complete, so a failure now only counts against the backend."""
+    try:
+        while await upstream.read() is not None:
+            pass
+    except GatewayError as err:
+        if err.upstream_reason:
+            upstream.broke(err.upstream_reason)

@@ -239,6 +239,23 @@ class StreamObserver:
                 self.finish_reason = str(choice["finish_reason"])
         return False
 
+    def observe_answer(self, obj: Any) -> None:
+        """A non-streaming answer (one JSON body): its usage, its finish reason and, when kept, its text (the first
+        choice's message, or a completion's text). No token times: a whole body has no first token."""
+        if not isinstance(obj, dict):
+            return
+        self.usage = read_usage(obj)
+        choices = obj.get("choices")
+        for choice in choices if isinstance(choices, list) else []:
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            if choice.get("finish_reason"):
+                self.finish_reason = str(choice["finish_reason"])
+            message = choice.get("message")
+            text = message.get("content") if isinstance(message, dict) else choice.get("text")
+            if self.keep_text and isinstance(text, str):
+                self.text.append(text)
+
     def _token(self, t: float) -> None:
         self.token_chunks += 1
         if self.first_token is None:
