@@ -287,6 +287,7 @@ def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98]
 
 
+@pytest.mark.slow  # a measurement: left out of scripts/test.sh --quick
 def test_inter_token_latency_with_the_store_on_a_file_equals_it_in_memory(tmp_path: Path) -> None:
     """The issue's measurement. Two gateways, identical but for ``results_db`` (a file; ``:memory:``), mirror every
     call; rounds alternate between them. In each round four clients (a process of their own) make short calls
