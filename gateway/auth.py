@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from gateway.config import ApiKey, AuthSection
 from gateway.errors import PermissionDenied, RateLimited, Unauthorized
+from gateway.protocol import ParsedRequest
 
 KEY_PREFIX = "gk-"
 
@@ -128,11 +129,10 @@ class Keyring:
                 allowed = frozenset(m for m in (resolve(name) for name in key.models) if m is not None)
             self.clients.append((bytes.fromhex(key.sha256), Client(key, allowed, clock)))
 
-    def estimate(self, body_bytes: int, max_tokens: int | None, n: int = 1) -> int:
-        """A call's possible cost in tokens, reserved when it is admitted: its prompt (at most a token per 4 bytes of
-        body, about right for English; the reservation is settled against the real usage) plus ``n`` completions
-        of ``max_tokens`` (or ``auth.reserve_completion_tokens``)."""
-        return body_bytes // 4 + max(1, n) * (max_tokens or self.reserve_completion_tokens)
+    def estimate(self, parsed: ParsedRequest) -> int:
+        """A call's possible cost in tokens, reserved when it is admitted: its prompt's estimate plus ``n``
+        completions of ``max_tokens`` (or ``auth.reserve_completion_tokens``)."""
+        return parsed.prompt_estimate + parsed.completions * (parsed.max_tokens or self.reserve_completion_tokens)
 
     def verify(self, authorization: str | None) -> Client:
         """The client presenting ``Authorization: Bearer <key>``, or Unauthorized."""

@@ -64,7 +64,14 @@ class ParsedRequest:
     stream: bool
     client_wants_usage: bool
     max_tokens: int | None = None  # ``max_completion_tokens`` or ``max_tokens``, when the client set one
-    size: int = 0  # bytes of the body (an upper bound of its prompt's tokens: a reservation's estimate)
+    completions: int = 1  # ``n``: answers asked for
+    size: int = 0  # bytes of the body
+
+    @property
+    def prompt_estimate(self) -> int:
+        """The prompt's tokens at most, about: a token per 4 bytes of body (right for English; the tokens reserved
+        against a key's limit are settled against the backend's usage)."""
+        return self.size // 4
 
 
 def _too_big(what: str, limit: int, name: str) -> InvalidRequest:
@@ -152,6 +159,7 @@ def parse_body(body: dict[str, Any], endpoint: Endpoint, limits: RequestLimits =
         stream=bool(head.stream),
         client_wants_usage=bool(opts and opts.include_usage),
         max_tokens=_max_tokens(body),
+        completions=n if isinstance(n := body.get("n"), int) and not isinstance(n, bool) and n > 1 else 1,
     )
 
 

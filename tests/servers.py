@@ -148,3 +148,25 @@ def python_process(script: str, *args: str) -> subprocess.Popen[str]:
     """``script`` run by this Python in a process of its own (load that must not share the test's interpreter
     lock); its standard output is captured as text."""
     return subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO, stdout=subprocess.PIPE, text=True)
+
+
+def stream_gaps(
+    url: str, body: dict[str, Any], gaps: list[float], started: threading.Event | None = None
+) -> threading.Thread:
+    """A stream of ``body`` through the gateway at ``url``, in a thread (started): appends to ``gaps`` the time
+    between each two chunks it reads, and sets ``started`` at the first one."""
+
+    def run() -> None:
+        last = None
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
+            for _ in response.iter_raw():
+                now = time.monotonic()
+                if last is not None:
+                    gaps.append(now - last)
+                last = now
+                if started is not None:
+                    started.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread

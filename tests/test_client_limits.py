@@ -5,12 +5,10 @@ memory and file descriptors from /proc."""
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import select
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,7 @@ import yaml
 
 from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
 from gateway.devstack.supervisor import free_port
-from tests.servers import ThreadServer, cli, emulator_process, python_process
+from tests.servers import ThreadServer, cli, emulator_process, python_process, stream_gaps
 
 pytestmark = pytest.mark.slow  # left out of scripts/test.sh --quick
 
@@ -122,11 +120,11 @@ def test_a_huge_request_head_is_refused_early_without_stalling_streams_or_memory
         emulator_process("m", ttft_ms=10, itl_ms=20, output_tokens=150) as backend,
         gateway(tmp_path, backend) as (url, pid),
     ):
-        quiet = stream_gaps(url, body)  # the same stream without the attack: the machine's own noise
+        quiet: list[float] = []
+        stream_gaps(url, body, quiet).join(30)  # the same stream without the attack: the machine's own noise
         before = rss_mb(pid)
         gaps: list[float] = []
-        reader = threading.Thread(target=lambda: gaps.extend(stream_gaps(url, body)))
-        reader.start()
+        reader = stream_gaps(url, body, gaps)
         time.sleep(0.3)
         attacker = python_process(HUGE_HEAD, url)
         out, _ = attacker.communicate(timeout=60)
@@ -142,15 +140,6 @@ def test_a_huge_request_head_is_refused_early_without_stalling_streams_or_memory
     print(f"largest gap {max(gaps) * 1000:.0f} ms ({max(quiet) * 1000:.0f} without the attack), RSS +{grown:.1f} MB")
     assert len(gaps) > 100 and max(gaps) - max(quiet) < 0.5, (max(gaps), max(quiet))
     assert grown < 40, f"RSS grew {grown:.1f} MB"
-
-
-def stream_gaps(url: str, body: dict[str, Any]) -> list[float]:
-    """The gaps between the chunks of one stream through the gateway, as the client reads them."""
-    arrivals = []
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as response:
-        for _ in response.iter_raw():
-            arrivals.append(time.monotonic())
-    return [b - a for a, b in itertools.pairwise(arrivals)]
 
 
 def test_a_head_sent_slowly_past_the_limit_gets_its_431(tmp_path: Path) -> None:

@@ -123,6 +123,11 @@ async def call(p: h1.Pool, body: bytes = b"{}", **headers: str) -> tuple[int, di
     return response.status_code, response.headers, data
 
 
+async def a_then_b(p: h1.Pool) -> list[bytes]:
+    """The bodies of two calls in turn (``a``, then ``b``), on the pool's connections."""
+    return [(await call(p, b"a"))[2], (await call(p, b"b"))[2]]
+
+
 def echo(server_of: Callable[[], Scripted], extra: Callable[[socket.socket, int, int], None] | None = None) -> Handler:
     """Answers each request with ``answer-to:<its body>``; ``extra(conn, connection index, request index)`` runs
     after each answer (to misbehave)."""
@@ -195,11 +200,8 @@ def test_bytes_beyond_the_end_of_a_message_close_the_connection() -> None:
 
         return handler
 
-    async def run(p: h1.Pool) -> list[bytes]:
-        return [(await call(p, b"a"))[2], (await call(p, b"b"))[2]]
-
     with scripted(make) as server:
-        assert drive(pool(server), run) == [b"answer-to:a", b"answer-to:b"]
+        assert drive(pool(server), a_then_b) == [b"answer-to:a", b"answer-to:b"]
         assert server.connections == 2
 
 
@@ -283,11 +285,8 @@ def test_chunked_edge_cases_are_read_and_the_connection_reused() -> None:
 
         return handler
 
-    async def run(p: h1.Pool) -> list[bytes]:
-        return [(await call(p, b"a"))[2], (await call(p, b"b"))[2]]
-
     with scripted(make) as server:
-        assert drive(pool(server), run) == [b"hello, world!!!", b"answer-to:b"]
+        assert drive(pool(server), a_then_b) == [b"hello, world!!!", b"answer-to:b"]
         assert server.connections == 1
 
 

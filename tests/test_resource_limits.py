@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from gateway.devstack.supervisor import free_port
-from tests.servers import cli, emulator_process, python_process
+from tests.servers import cli, emulator_process, python_process, stream_gaps
 from tests.test_client_limits import connect, rss_mb
 
 pytestmark = pytest.mark.slow  # left out of scripts/test.sh --quick
@@ -112,24 +112,9 @@ def test_a_streaming_fan_out_to_a_client_that_does_not_read_keeps_memory_flat(tm
     assert peak.mb - before <= 30, f"RSS grew {peak.mb - before:.0f} MB"
 
 
-def stream_gaps(url: str, gaps: list[float], started: threading.Event) -> threading.Thread:
-    """A stream of 400 tokens, 10 ms apart, through the gateway: records the gaps between its chunks."""
-
-    def run() -> None:
-        body = {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400,
-                "ignore_eos": True, "stream": True}  # fmt: skip
-        last = None
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
-            for _ in response.iter_raw():
-                now = time.monotonic()
-                if last is not None:
-                    gaps.append(now - last)
-                last = now
-                started.set()
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
+# 400 tokens 10 ms apart: a stream to time while something else happens
+STREAM = {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "ignore_eos": True,
+          "stream": True}  # fmt: skip
 
 
 # A client sending one body, in a process of its own (building and sending 16 MiB from this process would take
@@ -153,7 +138,7 @@ print(json.dumps({"status": answer.status_code, "size": len(body), "answer": ans
 def posting(url: str, kind: str, times: int, gaps: list[float]) -> list[dict[str, Any]]:
     """``times`` clients posting a ``kind`` body at once while a stream runs; fills ``gaps`` with its gaps."""
     started = threading.Event()
-    reader = stream_gaps(url, gaps, started)
+    reader = stream_gaps(url, STREAM, gaps, started)
     started.wait(10)
     senders = [python_process(POST_BODY, url, kind) for _ in range(times)]
     outs = [json.loads(sender.communicate(timeout=120)[0]) for sender in senders]
@@ -167,7 +152,7 @@ def test_pathological_json_bodies_are_refused_before_parsing_without_stalling_st
     concurrent stream's largest gap grows by under 250 ms and RSS by under 10x the body (the issue's bounds)."""
     with fanout_gateway(tmp_path, itl_ms=10) as (url, pid):
         quiet: list[float] = []
-        stream_gaps(url, quiet, threading.Event()).join(60)
+        stream_gaps(url, STREAM, quiet).join(60)
         before = rss_mb(pid)
         gaps: list[float] = []
         with Peak(pid) as peak:
@@ -187,7 +172,7 @@ def test_a_large_legitimate_body_goes_through_without_stalling_streams(tmp_path:
     """A 12 MiB prompt (long context, Chinese and English) is parsed and relayed, while a stream keeps its pace."""
     with fanout_gateway(tmp_path, itl_ms=10, max_model_len=10_000_000) as (url, pid):
         quiet: list[float] = []
-        stream_gaps(url, quiet, threading.Event()).join(60)
+        stream_gaps(url, STREAM, quiet).join(60)
         before = rss_mb(pid)
         gaps: list[float] = []
         with Peak(pid) as peak:

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -31,7 +30,7 @@ from gateway.devstack.supervisor import free_port
 from gateway.metrics import Metrics
 from gateway.relay.sse import StreamObserver, Usage
 from tests.conftest import card, settings_for
-from tests.servers import ThreadServer, cli, emulator_process, metric, python_process
+from tests.servers import ThreadServer, cli, emulator_process, metric, python_process, stream_gaps
 from tests.test_mirror import wait_for
 
 MSG = [{"role": "user", "content": "store me"}]
@@ -175,23 +174,6 @@ def test_a_measured_call_is_one_row_whoever_made_it() -> None:
     assert (plain.ttft_s, plain.tpot_s, plain.e2e_s, plain.completion_tokens) == (None, None, 0.25, 3)
 
 
-def gaps_of_a_stream(url: str, body: dict[str, Any], gaps: list[float]) -> threading.Thread:
-    """A stream through the gateway in a thread, recording the gaps between the chunks it receives."""
-
-    def run() -> None:
-        last = None
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
-            for _ in response.iter_raw():
-                now = time.perf_counter()
-                if last is not None:
-                    gaps.append(now - last)
-                last = now
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread
-
-
 def test_with_the_results_file_locked_calls_go_on_and_a_clean_stop_writes_every_row(tmp_path: Path) -> None:
     """Another process holds the results file's write lock while mirrored calls and fan-outs finish: none of them
     waits for it, a stream running meanwhile keeps its pace (the old store stalled the event loop for its 5 s busy
@@ -212,7 +194,7 @@ def test_with_the_results_file_locked_calls_go_on_and_a_clean_stop_writes_every_
         try:
             with locked(path) as other:
                 gaps: list[float] = []
-                streaming = gaps_of_a_stream(url, {"model": "primary", "messages": MSG, "stream": True}, gaps)
+                streaming = stream_gaps(url, {"model": "primary", "messages": MSG, "stream": True}, gaps)
                 for _ in range(3):
                     t0 = time.perf_counter()
                     plain = {"model": "primary", "messages": MSG, "max_tokens": 3}
@@ -314,7 +296,7 @@ def test_inter_token_latency_with_the_store_on_a_file_equals_it_in_memory(tmp_pa
             for where, url in urls.items():
                 load = python_process(LOAD, url, "2.2")
                 time.sleep(0.4)  # the load is running
-                gaps_of_a_stream(url, body, gaps[where]).join(30)
+                stream_gaps(url, body, gaps[where]).join(30)
                 counts = json.loads(load.communicate(timeout=60)[0])
                 assert set(counts) == {"200"}, counts
                 calls[where] += counts["200"]

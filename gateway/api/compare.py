@@ -110,10 +110,8 @@ async def fanout(request: Request, endpoint: Endpoint) -> Response:
             for card in cards:
                 client.check_model(card.id)
             # N models are N requests, each with its own possible cost
-            n = body.get("n")
-            reserved = gw.keyring.estimate(parsed.size, parsed.max_tokens, n if isinstance(n, int) else 1)
-            share = client.reserve(len(cards), reserved * len(cards))
-            charge = Charge(client, share // len(cards), parsed.size // 4)
+            share = client.reserve(len(cards), gw.keyring.estimate(parsed) * len(cards))
+            charge = Charge(client, share // len(cards), parsed.prompt_estimate)
             limit_headers = client.headers()
     except GatewayError as err:
         return error_response(err, request_id)

@@ -117,10 +117,8 @@ async def proxy(gw: Gateway, request: Request, endpoint: Endpoint) -> Response:
         client = ex.client = request.scope.get("gateway.client")
         if client is not None:
             client.check_model(model)
-            n = parsed.body.get("n")
-            estimate = gw.keyring.estimate(parsed.size, parsed.max_tokens, n if isinstance(n, int) else 1)
-            ex.reserved = client.reserve(1, estimate)
-            ex.prompt_estimate = parsed.size // 4
+            ex.reserved = client.reserve(1, gw.keyring.estimate(parsed))
+            ex.prompt_estimate = parsed.prompt_estimate
             ex.limit_headers = client.headers()
         ex.pair_id = gw.mirror.maybe(ex, parsed.body, endpoint)
         headers = {

@@ -180,8 +180,6 @@ async def call_model(
         count_failure(pool.metrics, ex.backend, err)
         if recorder:
             recorder.failed(ex, err.status)
-        elif charge is not None:
-            charge.client.settle(charge.reserved, 0)
         return Outcome(model, None, observer, answer, err.body()["error"], err.status, None, None)
     except asyncio.CancelledError:
         if recorder:

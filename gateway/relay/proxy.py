@@ -77,9 +77,7 @@ class Recorder:
 
     def failed(self, ex: Exchange, status: int) -> None:
         self.metrics.requests_of(ex.model, ex.backend, ex.endpoint, status).inc()
-        if ex.client is not None and ex.reserved:  # no tokens came back; a client that left still sent its prompt
-            ex.client.settle(ex.reserved, ex.prompt_estimate if status == CLIENT_CLOSED else 0)
-            ex.reserved = 0
+        settle(ex, status, None)
 
     def finished(
         self,
@@ -100,13 +98,7 @@ class Recorder:
         sent = None  # what a call that did not end well had delivered
         if usage is None and observer is not None and observer.first_token is not None:
             sent = observer.usage or Usage(0, observer.token_chunks)
-        if ex.client is not None:
-            charged = usage or sent
-            if charged is not None:
-                used = (charged.prompt_tokens or ex.prompt_estimate) + charged.completion_tokens
-            else:
-                used = ex.prompt_estimate if status == CLIENT_CLOSED else 0  # its prompt was sent, maybe prefilled
-            ex.client.settle(ex.reserved, used)
+        settle(ex, status, usage or sent)
         partial = status == CLIENT_CLOSED and sent is not None
         if partial:
             usage = sent
@@ -126,6 +118,19 @@ class Recorder:
             s.completion_tokens.inc(usage.completion_tokens)
             if ex.card is not None and ex.card.list_price is not None:
                 s.cost_list_price.inc(list_price_usd(ex.card.list_price, usage.prompt_tokens, usage.completion_tokens))
+
+
+def settle(ex: Exchange, status: int, delivered: Usage | None) -> None:
+    """Settle the tokens reserved for ``ex`` against its key, once: what it delivered (its prompt estimated when the
+    backend's usage never came), else, for a client that left, its prompt (sent, maybe prefilled), else nothing."""
+    if ex.client is None:
+        return
+    if delivered is not None:
+        used = (delivered.prompt_tokens or ex.prompt_estimate) + delivered.completion_tokens
+    else:
+        used = ex.prompt_estimate if status == CLIENT_CLOSED else 0
+    ex.client.settle(ex.reserved, used)
+    ex.client, ex.reserved = None, 0
 
 
 def response_headers(ex: Exchange, content_type: str, extra: dict[str, str] | None = None) -> list[tuple[bytes, bytes]]:
