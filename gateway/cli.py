@@ -255,7 +255,8 @@ def compare_run(args: argparse.Namespace) -> int:
         prompts = compare.load_prompts(args.prompts)
         answer = httpx.get(f"{url}/v1/models", timeout=10, headers=compare.auth_headers(api_key))
         if answer.status_code == 401:
-            print(f"error: the gateway at {url} needs an API key: set {args.api_key_env}", file=sys.stderr)
+            why = f"refused the key in {args.api_key_env}" if api_key else f"needs an API key: set {args.api_key_env}"
+            print(f"error: the gateway at {url} {why}", file=sys.stderr)
             return 2
         listed = answer.json()["data"]
     except compare.PromptError as exc:

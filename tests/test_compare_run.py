@@ -96,6 +96,11 @@ def test_a_comparison_run_against_a_gateway_with_keys_takes_its_key_from_the_env
             args = ["--gateway", gw.url, "--models", "all", "--out", str(tmp_path / "run"), "--max-tokens", "4"]
             refused = gateway_compare(*args)
             assert refused.returncode == 2 and "needs an API key: set GATEWAY_API_KEY" in refused.stderr
+            wrong = subprocess.run(
+                [sys.executable, "-m", "gateway", "compare", *args, "--api-key-env", "RUN_KEY"],
+                cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "RUN_KEY": "gk-wrong-key"},
+            )  # fmt: skip
+            assert wrong.returncode == 2 and "refused the key in RUN_KEY" in wrong.stderr
             done = subprocess.run(
                 [sys.executable, "-m", "gateway", "compare", *args, "--api-key-env", "RUN_KEY"],
                 cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "RUN_KEY": key},
