@@ -8,13 +8,15 @@ With ``gateway serve --workers N`` every worker writes its samples to ``PROMETHE
 aggregates them (counters and histograms add up; gauges say how: in-flight and queues add up over live workers, a
 backend counts as up only if every worker sees it up, the worst circuit state wins).
 
-Latency buckets are vLLM's own so that SLO thresholds line up with ``vllm:*`` histograms; ITL/TPOT get three finer
-buckets below 10 ms because the gateway's own overhead is measured there. Every family's definition, and which
-calls it counts: docs/measurement.md.
+Latency buckets contain vLLM's own bounds, so SLO thresholds line up with ``vllm:*`` histograms, with bounds added
+between them (``refined``) so that a percentile read from them is within 7.5% over the range that matters. Every
+family's definition, and which calls it counts: docs/measurement.md.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 from bisect import bisect_left
 from collections.abc import Sequence
@@ -26,18 +28,42 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from gateway.config import Settings
 from gateway.errors import UPSTREAM_REASONS
 
-TTFT_BUCKETS = (
+# vLLM's own bucket bounds (vllm/v1/metrics/loggers.py), which the emulator's ``vllm:*`` histograms use as they are.
+VLLM_TTFT_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
     80.0, 160.0, 640.0, 2560.0,
 )  # fmt: skip
-ITL_BUCKETS = (
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-    10.0, 20.0, 40.0, 80.0,
+VLLM_ITL_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
 )  # fmt: skip
-E2E_BUCKETS = (
+VLLM_E2E_BUCKETS = (
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
     960.0, 1920.0, 7680.0,
 )  # fmt: skip
+MAX_BUCKET_RATIO = 1.15  # upper / lower bound of every bucket in the range that matters: p50 error <= 7.5%
+
+
+def refined(bounds: Sequence[float], low: float, high: float, ratio: float = MAX_BUCKET_RATIO) -> tuple[float, ...]:
+    """``bounds`` (kept, so SLO thresholds set on vLLM's bounds still line up) with bounds added between each pair
+    that starts in [low, high) and is further apart than ``ratio``: evenly spaced on a log scale, rounded to three
+    significant digits. ``histogram_quantile`` interpolates linearly inside a bucket (a, b], so when every value
+    sits just above a, the median it reports is (a + b) / 2: off by (b / a - 1) / 2 at worst, 7.5% at 1.15."""
+    out: list[float] = []
+    for a, b in itertools.pairwise(sorted(bounds)):
+        out.append(a)
+        if low <= a < high and b / a > ratio:
+            steps = math.ceil(math.log(b / a) / math.log(ratio - 0.005))  # a margin for the rounding
+            out.extend(float(f"{a * (b / a) ** (i / steps):.3g}") for i in range(1, steps))
+    out.append(max(bounds))
+    return tuple(out)
+
+
+# The gateway's own: vLLM's bounds, refined over the ranges that matter (TTFT 5 ms to 60 s, ITL/TPOT 1 ms to 2 s,
+# E2E 50 ms to 10 min); ITL/TPOT also get bounds down to 1 ms and E2E to 50 ms, where the gateway's own overhead
+# and short calls land.
+TTFT_BUCKETS = refined(VLLM_TTFT_BUCKETS, 0.005, 60.0)
+ITL_BUCKETS = refined((0.001, 0.0025, 0.005, *VLLM_ITL_BUCKETS), 0.001, 2.0)
+E2E_BUCKETS = refined((0.05, 0.1, *VLLM_E2E_BUCKETS), 0.05, 600.0)
 
 ENDPOINTS = ("chat", "completions")
 NO_MODEL = "unknown"  # model label of a request that never resolved to a configured model

@@ -1,14 +1,18 @@
 from __future__ import annotations
 
+import bisect
 import gc
+import itertools
+import math
 
 import httpx
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
 from gateway.config import parse_settings
-from gateway.metrics import E2E_BUCKETS, ITL_BUCKETS, TTFT_BUCKETS, Metrics, observe_all
+from gateway.metrics import E2E_BUCKETS, ITL_BUCKETS, MAX_BUCKET_RATIO, TTFT_BUCKETS, Metrics, observe_all
 from tests.conftest import card
 from tests.servers import ThreadServer, metric
 
@@ -18,10 +22,42 @@ VLLM_ITL = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 
 VLLM_E2E = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480, 960, 1920, 7680]
 
 
-def test_buckets_keep_vllm_boundaries() -> None:
-    assert list(TTFT_BUCKETS) == VLLM_TTFT
-    assert set(VLLM_ITL) <= set(ITL_BUCKETS) and min(ITL_BUCKETS) == 0.001
-    assert list(E2E_BUCKETS) == VLLM_E2E
+@pytest.mark.parametrize(
+    ("buckets", "vllm", "low", "high"),
+    [(TTFT_BUCKETS, VLLM_TTFT, 0.005, 60), (ITL_BUCKETS, VLLM_ITL, 0.001, 2), (E2E_BUCKETS, VLLM_E2E, 0.05, 600)],
+)
+def test_buckets_keep_vllm_bounds_and_are_fine_over_the_range_that_matters(
+    buckets: tuple[float, ...], vllm: list[float], low: float, high: float
+) -> None:
+    assert set(vllm) <= set(buckets), "every vLLM bound stays, so SLO thresholds line up with vllm:* histograms"
+    assert list(buckets) == sorted(set(buckets))
+    assert buckets[0] <= low and buckets[-1] >= high
+    ratios = [b / a for a, b in itertools.pairwise(buckets) if b > low and a < high]
+    assert max(ratios) <= MAX_BUCKET_RATIO < 1.2  # a median read from them is off by (ratio - 1) / 2 at worst
+
+
+def test_a_median_read_from_the_buckets_is_within_ten_percent_anywhere_in_range() -> None:
+    """The worst case for linear interpolation: every value just above a bound, or exactly on one."""
+    for buckets, low, high in ((TTFT_BUCKETS, 0.005, 60), (ITL_BUCKETS, 0.001, 2), (E2E_BUCKETS, 0.05, 600)):
+        for true in [low * 1.013**i for i in range(1, int(math.log(high / low) / math.log(1.013)))]:
+            i = bisect.bisect_left(buckets, true)
+            a, b = buckets[i - 1] if i else 0.0, buckets[i]
+            assert abs((a + b) / 2 - true) / true <= 0.1, (true, a, b)
+
+
+def test_the_emulator_keeps_vllms_own_buckets() -> None:
+    from gateway.devstack.emulator import EngineMetrics
+
+    text = generate_latest(_registry_with(EngineMetrics)).decode()
+    les = {line.split('le="')[1].split('"')[0] for line in text.splitlines() if
+           line.startswith("vllm:time_to_first_token_seconds_bucket")}  # fmt: skip
+    assert les == {repr(float(x)) for x in VLLM_TTFT} | {"+Inf"}
+
+
+def _registry_with(engine: type) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    engine(registry, "m")
+    return registry
 
 
 def test_observe_all_equals_observing_one_value_at_a_time() -> None:

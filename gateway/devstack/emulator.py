@@ -37,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from gateway.metrics import E2E_BUCKETS, TTFT_BUCKETS
+from gateway.metrics import VLLM_E2E_BUCKETS, VLLM_ITL_BUCKETS, VLLM_TTFT_BUCKETS
 from gateway.relay.asgi import race_disconnect
 
 EMULATOR = "vllm-emulator"
@@ -47,27 +47,6 @@ WORDS = tuple(
         "latency tokens stream one by one while the gateway measures time to first token inter token latency "
         "and cost per million output tokens for a side by side comparison on identical prompts"
     ).split(" ")
-)
-VLLM_ITL_BUCKETS = (
-    0.01,
-    0.025,
-    0.05,
-    0.075,
-    0.1,
-    0.15,
-    0.2,
-    0.3,
-    0.4,
-    0.5,
-    0.75,
-    1.0,
-    2.5,
-    5,
-    7.5,
-    10,
-    20,
-    40,
-    80,
 )
 
 
@@ -122,14 +101,14 @@ class EngineMetrics:
         self.prefix_hits = Counter(
             "vllm:prefix_cache_hits", "Prefix-cache hits (tokens).", labels, registry=registry
         ).labels(*lv)
-        self.ttft = hist("vllm:time_to_first_token_seconds", "TTFT.", TTFT_BUCKETS).labels(*lv)
+        self.ttft = hist("vllm:time_to_first_token_seconds", "TTFT.", VLLM_TTFT_BUCKETS).labels(*lv)
         self.itl = hist("vllm:inter_token_latency_seconds", "ITL.", VLLM_ITL_BUCKETS).labels(*lv)
         self.tpot = hist("vllm:request_time_per_output_token_seconds", "TPOT.", VLLM_ITL_BUCKETS).labels(*lv)
-        self.e2e = hist("vllm:e2e_request_latency_seconds", "E2E.", E2E_BUCKETS).labels(*lv)
-        self.queue = hist("vllm:request_queue_time_seconds", "Queue time.", E2E_BUCKETS).labels(*lv)
-        self.prefill = hist("vllm:request_prefill_time_seconds", "Prefill.", E2E_BUCKETS).labels(*lv)
-        self.decode = hist("vllm:request_decode_time_seconds", "Decode.", E2E_BUCKETS).labels(*lv)
-        self.inference = hist("vllm:request_inference_time_seconds", "Inference.", E2E_BUCKETS).labels(*lv)
+        self.e2e = hist("vllm:e2e_request_latency_seconds", "E2E.", VLLM_E2E_BUCKETS).labels(*lv)
+        self.queue = hist("vllm:request_queue_time_seconds", "Queue time.", VLLM_E2E_BUCKETS).labels(*lv)
+        self.prefill = hist("vllm:request_prefill_time_seconds", "Prefill.", VLLM_E2E_BUCKETS).labels(*lv)
+        self.decode = hist("vllm:request_decode_time_seconds", "Decode.", VLLM_E2E_BUCKETS).labels(*lv)
+        self.inference = hist("vllm:request_inference_time_seconds", "Inference.", VLLM_E2E_BUCKETS).labels(*lv)
         self.req_prompt = hist(
             "vllm:request_prompt_tokens",
             "Prompt tokens per request.",
