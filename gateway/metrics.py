@@ -64,6 +64,8 @@ def refined(bounds: Sequence[float], low: float, high: float, ratio: float = MAX
 TTFT_BUCKETS = refined(VLLM_TTFT_BUCKETS, 0.005, 60.0)
 ITL_BUCKETS = refined((0.001, 0.0025, 0.005, *VLLM_ITL_BUCKETS), 0.001, 2.0)
 E2E_BUCKETS = refined((0.05, 0.1, *VLLM_E2E_BUCKETS), 0.05, 600.0)
+# The gateway's own time per call: 100 us to 1 s finely (parsing to writing), coarse above (queueing for a slot).
+OVERHEAD_BUCKETS = refined((0.0001, 0.001, 0.01, 0.1, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0), 0.0001, 1.0)
 
 ENDPOINTS = ("chat", "completions")
 NO_MODEL = "unknown"  # model label of a request that never resolved to a configured model
@@ -84,6 +86,7 @@ class Series:
     completion_tokens: Counter
     in_flight: Gauge
     cost_list_price: Counter
+    overhead: Histogram
 
 
 M = TypeVar("M", Counter, Histogram)
@@ -155,6 +158,13 @@ class Metrics:
             "gateway_time_per_output_token_seconds",
             "(E2E - TTFT) / (completion_tokens - 1), per streamed request with more than one token.",
             mb, buckets=ITL_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.overhead = Histogram(
+            "gateway_overhead_seconds",
+            "Time spent inside the gateway per call: from receipt to the upstream request written (parsing, routing,"
+            " queueing for a slot, connecting, retries), plus from the upstream's first token chunk (or whole body)"
+            " to its write to the client.",
+            ("model",), buckets=OVERHEAD_BUCKETS, registry=registry,
         )  # fmt: skip
         self.prompt_tokens = Counter(
             "gateway_prompt_tokens", "Prompt tokens, from the backend's usage.", mb, registry=registry
@@ -267,6 +277,7 @@ class Metrics:
                 completion_tokens=self.completion_tokens.labels(model, backend),
                 in_flight=self.in_flight.labels(model, backend),
                 cost_list_price=self.cost.labels(model, backend, "list_price"),
+                overhead=self.overhead.labels(model),
             )
         return found
 

@@ -8,10 +8,12 @@ import importlib.util
 import re
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 
 from gateway.cli import build_parser
+from gateway.config import parse_settings
 from gateway.metrics import Metrics
+from tests.conftest import card
 from tests.servers import REPO
 
 README = REPO / "README.md"
@@ -126,3 +128,32 @@ def test_the_checks_see_a_drifted_readme() -> None:
         "metric(s) gateway.metrics.Metrics registers but the table lacks: gateway_queue_waiting",
         "metric(s) in the table that gateway.metrics.Metrics does not register: gateway_queue_depth",
     ]
+
+
+def series_per_model(mirrored: bool) -> int:
+    """The series one model served by one backend adds to /metrics (the ``*_created`` series are off)."""
+
+    def count(n: int) -> int:
+        settings = parse_settings(
+            {
+                "models": [card(f"m{i}", "qwen3", "Alibaba", "CN", aliases=[]) for i in range(n)],
+                "backends": [{"name": f"b{i}", "base_url": "http://x", "models": [f"m{i}"]} for i in range(n)],
+            },
+            "test",
+        )
+        metrics = Metrics(CollectorRegistry())
+        metrics.describe(settings)
+        for i in range(n if mirrored else 0):
+            metrics.mirror_ttft.labels(f"m{i}", f"b{i}")
+        text = generate_latest(metrics.registry).decode()
+        return sum(1 for line in text.splitlines() if line and not line.startswith("#") and "_created{" not in line)
+
+    return count(2) - count(1)
+
+
+def test_the_series_count_per_model_is_the_registrys() -> None:
+    metrics = section(README.read_text(encoding="utf-8"), "Metrics")
+    match = re.search(r"about (\d+) series per model and backend\*\* \((\d+) with mirroring\)", metrics)
+    assert match is not None, "README.md's metrics section states no series count"
+    plain, mirrored = series_per_model(False), series_per_model(True)
+    assert abs(int(match.group(1)) - plain) <= 10 and abs(int(match.group(2)) - mirrored) <= 10, (plain, mirrored)

@@ -27,6 +27,7 @@ from gateway.relay.proxy import (
     error_answer,
     read_upstream,
     response_headers,
+    server_timing,
 )
 from gateway.relay.sse import StreamObserver, read_usage
 from gateway.state import Gateway
@@ -145,7 +146,6 @@ async def proxy(gw: Gateway, request: Request, endpoint: Endpoint) -> Response:
             upstream.release()
             series.in_flight.dec()
 
-    sent = time.perf_counter()
     # From here until the call ends, a client that leaves cancels the upstream call (and vLLM aborts).
     watch = ClientWatch(request.receive, gw.watches)
     try:
@@ -176,8 +176,10 @@ async def proxy(gw: Gateway, request: Request, endpoint: Endpoint) -> Response:
     if ex.pair_id is not None:  # stored with its mirrors: the finish reason, and the text if kept
         observer = StreamObserver(t0=ex.t0, keep_text=ex.keep_text)
         observer.observe_answer(answer)
+    written = upstream.response.written
+    ex.overhead = written - ex.t0 + time.perf_counter() - done
     gw.recorder.finished(ex, 200, e2e=e2e, usage=read_usage(answer), observer=observer)
-    timing = f"e2e;dur={e2e * 1000:.3f}, upstream;dur={(done - sent) * 1000:.3f}"
+    timing = f"e2e;dur={e2e * 1000:.3f}, {server_timing(ex.overhead, done - written)}"
     return _raw(ex, 200, content, {"server-timing": timing})
 
 

@@ -105,6 +105,7 @@ class Upstream:
     pool: BackendPool
     sent: h1.Response | None = None
     first: bytes | None = None
+    first_at: float = 0.0  # perf_counter when ``first`` arrived
     stall: float | None = None
     released: bool = False
 
@@ -394,6 +395,7 @@ class BackendPool:
             if stream and upstream.sent.status_code == 200:
                 upstream.sent.max_body = None  # a stream can be long; each of its events is capped by the framer
                 upstream.first = await upstream.sent.next_chunk(max(0.0, deadline - loop.time())) or b""
+                upstream.first_at = upstream.sent.arrived
         except (TimeoutError, h1.PoolTimeout, h1.WriteTimeout) as exc:
             await close_upstream(upstream)
             what = (

@@ -132,6 +132,7 @@ class Pool:
             conn.transport.write(head + body if len(body) < 65536 else head)
             if len(body) >= 65536:
                 conn.transport.write(body)
+            response.written = time.perf_counter()
             timer = None if deadline is None else loop.call_at(deadline, _expire, response.head)
             try:
                 if conn.drained is not None and not conn.drained.done():

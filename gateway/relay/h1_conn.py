@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import select
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol, cast
 
@@ -165,6 +166,8 @@ class Connection(asyncio.Protocol):
                 return
         if response.inline is not None and response.offer(body):
             return
+        if not response.buffer:
+            response.arrived = time.perf_counter()
         response.buffer.append(body)
         response.buffered += len(body)
         if response.buffered > HIGH_WATER and self.transport is not None and not response.paused:
@@ -250,6 +253,10 @@ class Response:
         self.inline: Callable[[bytes], bool] | None = None
         self._within = 0.0
         self._wait_started = 0.0
+        # perf_counter stamps, for the gateway's own time (``gateway_overhead_seconds``): when the request's bytes
+        # were handed to the transport, and when the oldest bytes now in ``buffer`` arrived.
+        self.written = 0.0
+        self.arrived = 0.0
 
     def wake(self) -> None:
         waiter = self._waiter

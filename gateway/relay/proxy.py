@@ -27,6 +27,7 @@ import asyncio
 import contextvars
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -65,6 +66,7 @@ class Exchange:
     reserved: int = 0  # tokens reserved against the client's tpm when the call was admitted
     prompt_estimate: int = 0  # the prompt's tokens as estimated at admission (charged if no usage ever comes)
     limit_headers: dict[str, str] | None = None  # x-ratelimit-* for the response
+    overhead: float | None = None  # seconds spent inside the gateway, once the first token (or the body) went out
 
 
 PairHook = Callable[[str, Exchange, int, float | None, Usage | None, StreamObserver | None], None]
@@ -105,6 +107,8 @@ class Recorder:
         elif status != 200:
             return
         s = m.series(ex.model, ex.backend)
+        if ex.overhead is not None:
+            s.overhead.observe(ex.overhead)
         if e2e is not None and status == 200:
             m.duration_of(ex.model, ex.backend, ex.endpoint).observe(e2e)
         if observer is not None:
@@ -145,6 +149,12 @@ def response_headers(ex: Exchange, content_type: str, extra: dict[str, str] | No
     return [(k.encode(), v.encode()) for k, v in headers.items()]
 
 
+def server_timing(gateway_s: float, upstream_s: float) -> str:
+    """The ``server-timing`` header: the gateway's own time before the upstream request was written, and the
+    upstream's, from then to its first bytes (a stream's first chunk, a non-streaming call's whole body)."""
+    return f"gateway;dur={gateway_s * 1000:.3f}, upstream;dur={upstream_s * 1000:.3f}"
+
+
 class RelayResponse(Response):
     """Streams an open upstream SSE response to the client (see the module docstring).
 
@@ -176,6 +186,11 @@ class RelayResponse(Response):
         self._sending: asyncio.Future[None] | None = None  # a send started by ``_inline`` that has not finished
         self._inline_on = inline
         self._context: contextvars.Context | None = None  # this call's, for the sends made from ``_inline``
+        # The gateway's own time (``Exchange.overhead``): before the upstream request was written, and when the
+        # bytes being relayed arrived (until the first token chunk is out).
+        self._before = upstream.response.written - ex.t0
+        self._arrived = upstream.first_at
+        self._pre_read = bool(upstream.first)  # the first read is the chunk read before the response began
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex, observer = self.ex, self.observer
@@ -188,7 +203,13 @@ class RelayResponse(Response):
                     "headers": response_headers(
                         ex,
                         "text/event-stream; charset=utf-8",
-                        {"cache-control": "no-cache", "x-accel-buffering": "no"},
+                        {
+                            "cache-control": "no-cache",
+                            "x-accel-buffering": "no",
+                            "server-timing": server_timing(
+                                self._before, self._arrived - self.upstream.response.written
+                            ),
+                        },
                     ),
                 }
             )
@@ -244,6 +265,10 @@ class RelayResponse(Response):
         try:
             while (data := await upstream.read()) is not None:
                 await self._sent()
+                if self._pre_read:
+                    self._pre_read = False  # it keeps its own stamp
+                elif self.ex.overhead is None:
+                    self._arrived = response.arrived
                 out = []
                 for raw in framer.feed_raw(data):
                     if observer.observe_raw(raw) and strip:
@@ -253,6 +278,7 @@ class RelayResponse(Response):
                     return await self._end(send, b"".join(out))
                 if out:
                     await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+                    self._first_out()
             await self._sent()
             unterminated(framer, observer, self.ex.backend)
             return await self._end(send, b"")  # ``[DONE]`` without its blank line, at the very end
@@ -276,7 +302,15 @@ class RelayResponse(Response):
         message = {"type": "http.response.body", "body": data, "more_body": True}
         assert self._context is not None
         self._sending = self._context.run(send_now, self._send, message)
+        if self.ex.overhead is None and self.observer.first_token is not None:
+            self._arrived = self.observer.first_token  # stamped as the bytes were offered, on arrival
+            self._first_out()
         return True
+
+    def _first_out(self) -> None:
+        """After a send: if the first token chunk has gone out, the call's time inside the gateway is known."""
+        if self.ex.overhead is None and self.observer.first_token is not None:
+            self.ex.overhead = self._before + time.perf_counter() - self._arrived
 
     async def _sent(self) -> None:
         """Wait for a send ``_inline`` started and could not finish (raising what it raised)."""
@@ -292,6 +326,7 @@ class RelayResponse(Response):
         upstream.response.inline = None  # the reads below are the task's own
         self.settled = done_status(upstream, self.observer)
         await send({"type": "http.response.body", "body": last, "more_body": False})
+        self._first_out()
         await read_to_end(upstream)
         return self.settled
 

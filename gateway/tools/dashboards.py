@@ -167,7 +167,14 @@ def _gateway() -> list[Panel]:
         Panel(d, "Overhead", "Mean TTFT: gateway vs vLLM",
               (Query(gw_ttft, "{{model}} gateway", ("model",)), Query(vllm_ttft, "{{model}} vLLM", ("model",))),
               "s", "vLLM starts its clock at tokenization, the gateway at receipt of the request."),
-        Panel(d, "Overhead", "Gateway overhead (gateway mean TTFT - vLLM mean TTFT)",
+        Panel(d, "Overhead", "Gateway overhead per call (p50, p99)",
+              (Query(f"histogram_quantile(0.5, sum by (model, le) (rate(gateway_overhead_seconds_bucket{M}[{RATE}])))",
+                     "{{model}} p50", ("model",)),
+               Query(f"histogram_quantile(0.99, sum by (model, le) (rate(gateway_overhead_seconds_bucket{M}[{RATE}])))",
+                     "{{model}} p99", ("model",))), "s",
+              "Time inside the gateway: receipt to the upstream request written (parsing, routing, queueing for a "
+              "slot, connecting), plus the first token chunk's (or the body's) way from the backend to the client."),
+        Panel(d, "Overhead", "TTFT gap: gateway mean TTFT - vLLM mean TTFT",
               (Query(f"{gw_ttft} - on (model) {vllm_ttft}", "{{model}}", ("model",)),), "s",
               "Network + queueing + gateway work. Needs vLLM's served model name to equal the gateway's model id."),
     ]  # fmt: skip
