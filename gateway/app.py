@@ -72,7 +72,7 @@ def create_app(
 ) -> FastAPI:
     """Build the gateway. ``transports`` (by backend name: the health checks' httpx transport; calls use the relay's
     own client) and ``registry`` are seams for tests."""
-    from gateway.api import compare, openai, ops, ui
+    from gateway.api import compare, openai, ops, tokenizer, ui
 
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     metrics.describe(settings)
@@ -123,6 +123,7 @@ def create_app(
     app.state.gateway = gateway
     app.include_router(openai.router)
     app.include_router(compare.router)
+    app.include_router(tokenizer.router)
     app.include_router(ops.router)
     app.include_router(ui.router)
 

@@ -172,6 +172,10 @@ class Metrics:
         self.completion_tokens = Counter(
             "gateway_completion_tokens", "Completion tokens, from the backend's usage.", mb, registry=registry
         )
+        self.tokenizer_requests = Counter(
+            "gateway_tokenizer_requests", "Calls of /tokenize, /detokenize and /tokenizer_info, by outcome.",
+            ("model", "backend", "route", "status"), registry=registry,
+        )  # fmt: skip
         self.in_flight = Gauge(
             "gateway_requests_in_flight", "Requests being served right now.", mb, registry=registry,
             multiprocess_mode="livesum",

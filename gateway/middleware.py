@@ -123,6 +123,8 @@ JSON_TYPES = (b"application/json", b"text/json")
 ADMITTED_BY_HANDLER = frozenset(
     ("/v1/chat/completions", "/v1/completions", "/v1/compare/chat/completions", "/v1/compare/completions")
 )
+# vLLM's tokenizer routes (``api.tokenizer``): outside /v1/, guarded like it (a key, one request of its rate).
+TOKENIZER_PATHS = frozenset({"/tokenize", "/detokenize", "/tokenizer_info"})
 DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/openapi.json"})  # FastAPI's, as create_app sets them
 UI_PATHS = frozenset({"/ui"})
 
@@ -174,7 +176,7 @@ class Guard:
                 if not client.key.admin:
                     raise PermissionDenied("reading /metrics needs an admin key")
             return send
-        if not path.startswith("/v1/"):
+        if not path.startswith("/v1/") and path not in TOKENIZER_PATHS:
             if self.keyring.enabled and path in self.keyed_pages:
                 self.keyring.verify(_header(raw, b"authorization"))
             return send

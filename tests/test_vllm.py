@@ -384,3 +384,30 @@ def test_vllm_aborts_calls_left_through_the_gateway_about_as_often_as_calls_left
     # every call recorded once: 499 when the gateway saw its client leave first, 200 when vLLM's answer came first
     assert counted("499") + counted("200") == calls
     assert counted("499") >= cut["gateway"]  # vLLM cut a call short only because the gateway let it go
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_tokenizer_routes_answer_as_the_models_own_vllm(vllm: VllmStack, model: str) -> None:
+    """POST /tokenize and /detokenize through the gateway give what the model's vLLM gives directly; an alias is
+    sent as the model's id; GET /tokenizer_info is passed through (200 from the vLLM started with
+    --enable-tokenizer-info-endpoint, vLLM's own 404 from the others)."""
+    direct = vllm.direct[model]
+    text = "The Great Wall 长城 is long."
+    for body in (
+        {"model": model, "prompt": text, "return_token_strs": True},
+        {"model": model, "messages": [{"role": "user", "content": text}], "add_generation_prompt": True},
+    ):
+        via = httpx.post(f"{vllm.url}/tokenize", json=body, timeout=30)
+        own = httpx.post(f"{direct}/tokenize", json=body, timeout=30)
+        assert via.status_code == own.status_code == 200, (via.text, own.text)
+        assert via.json() == own.json() and via.json()["count"] == len(via.json()["tokens"]) > 3
+        assert via.headers["x-gateway-backend"] == vllm.backend_of(model)
+    ids = httpx.post(f"{vllm.url}/tokenize", json={"model": model, "prompt": text}).json()["tokens"]
+    back = httpx.post(f"{vllm.url}/detokenize", json={"model": model, "tokens": ids}, timeout=30)
+    assert back.status_code == 200 and text in back.json()["prompt"]
+    alias = next(c.aliases[0] for c in vllm.settings.models if c.id == model and c.aliases)
+    assert httpx.post(f"{vllm.url}/tokenize", json={"model": alias, "prompt": text}).json()["tokens"] == ids
+    info_via = httpx.get(f"{vllm.url}/tokenizer_info", params={"model": model}, timeout=30)
+    info_own = httpx.get(f"{direct}/tokenizer_info", timeout=30)
+    assert info_via.status_code == info_own.status_code == (200 if model == "tiny-qwen3" else 404)
+    assert info_via.json() == info_own.json()

@@ -325,7 +325,15 @@ class BackendPool:
                         waiters.remove(waiter)
 
     async def open(
-        self, model: str, path: str, body: bytes, headers: dict[str, str], *, stream: bool, queue: bool = True
+        self,
+        model: str,
+        path: str,
+        body: bytes,
+        headers: dict[str, str],
+        *,
+        stream: bool,
+        queue: bool = True,
+        method: str = "POST",
     ) -> Upstream:
         """Send the request to a replica of ``model``, retrying another replica (within the retry budget) on a
         connect error, a timeout, a 5xx or 429, or a stream that broke before its first chunk.
@@ -343,7 +351,7 @@ class BackendPool:
             backend.in_flight += 1
             upstream = Upstream(backend, self)
             try:
-                await self._send(upstream, path, body, headers, stream)
+                await self._send(upstream, method, path, body, headers, stream)
             except GatewayError as err:
                 upstream.release()
                 reason = err.upstream_reason or "bad_response"
@@ -381,7 +389,9 @@ class BackendPool:
         self.metrics.retries.labels(model, reason).inc()
         return True
 
-    async def _send(self, upstream: Upstream, path: str, body: bytes, headers: dict[str, str], stream: bool) -> None:
+    async def _send(
+        self, upstream: Upstream, method: str, path: str, body: bytes, headers: dict[str, str], stream: bool
+    ) -> None:
         backend = upstream.backend
         name, t = backend.name, backend.config.timeouts
         headers = {**backend.base_headers, **headers}
@@ -390,7 +400,7 @@ class BackendPool:
         deadline = loop.time() + limit
         cap = self.settings.gateway.max_response_bytes
         try:
-            upstream.sent = await backend.h1.request("POST", path, headers, body, limit, max_body=cap)
+            upstream.sent = await backend.h1.request(method, path, headers, body, limit, max_body=cap)
             upstream.stall = t.stall if stream else t.read
             if stream and upstream.sent.status_code == 200:
                 upstream.sent.max_body = None  # a stream can be long; each of its events is capped by the framer
