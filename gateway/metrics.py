@@ -87,6 +87,11 @@ class Series:
     in_flight: Gauge
     cost_list_price: Counter
     overhead: Histogram
+    ttfat: Histogram
+    reasoning_s: Histogram
+    reasoning_tokens: Counter
+    answer_tokens: Counter
+    empty_answers: Counter
 
 
 M = TypeVar("M", Counter, Histogram)
@@ -158,6 +163,31 @@ class Metrics:
             "gateway_time_per_output_token_seconds",
             "(E2E - TTFT) / (completion_tokens - 1), per streamed request with more than one token.",
             mb, buckets=ITL_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.ttfat = Histogram(
+            "gateway_time_to_first_answer_token_seconds",
+            "First chunk carrying answer content, text or a tool call (not reasoning) minus receipt of the request"
+            " (streaming only; equals TTFT for a model that does not think).",
+            mb, buckets=TTFT_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.reasoning_s = Histogram(
+            "gateway_reasoning_duration_seconds",
+            "Thinking time: first reasoning chunk to first answer chunk (to the last reasoning chunk when no answer"
+            " came), per streamed call that reasoned.",
+            mb, buckets=E2E_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.reasoning_tokens = Counter(
+            "gateway_reasoning_tokens",
+            "Completion tokens spent reasoning: usage.completion_tokens_details.reasoning_tokens when the backend"
+            " reports it, else the reasoning chunks.", mb, registry=registry,
+        )  # fmt: skip
+        self.answer_tokens = Counter(
+            "gateway_answer_tokens", "Completion tokens that were not reasoning.", mb, registry=registry
+        )
+        self.empty_answers = Counter(
+            "gateway_empty_answers",
+            "Successful calls that ended with no answer (no content, text or tool call), e.g. thinking used the whole"
+            " max_tokens.", mb, registry=registry,
         )  # fmt: skip
         self.overhead = Histogram(
             "gateway_overhead_seconds",
@@ -282,6 +312,11 @@ class Metrics:
                 in_flight=self.in_flight.labels(model, backend),
                 cost_list_price=self.cost.labels(model, backend, "list_price"),
                 overhead=self.overhead.labels(model),
+                ttfat=self.ttfat.labels(model, backend),
+                reasoning_s=self.reasoning_s.labels(model, backend),
+                reasoning_tokens=self.reasoning_tokens.labels(model, backend),
+                answer_tokens=self.answer_tokens.labels(model, backend),
+                empty_answers=self.empty_answers.labels(model, backend),
             )
         return found
 

@@ -172,10 +172,9 @@ async def proxy(gw: Gateway, request: Request, endpoint: Endpoint) -> Response:
     except ValueError:
         return _failed(gw, ex, UpstreamBadResponse(f"backend {ex.backend} sent a body that is not JSON"))
     e2e = done - ex.t0
-    observer = None
-    if ex.pair_id is not None:  # stored with its mirrors: the finish reason, and the text if kept
-        observer = StreamObserver(t0=ex.t0, keep_text=ex.keep_text)
-        observer.observe_answer(answer)
+    # what the answer says of itself: reasoning and answer, finish reason, and (stored with its mirrors) its text
+    observer = StreamObserver(t0=ex.t0, keep_text=ex.keep_text)
+    observer.observe_answer(answer)
     written = upstream.response.written
     ex.overhead = written - ex.t0 + time.perf_counter() - done
     gw.recorder.finished(ex, 200, e2e=e2e, usage=read_usage(answer), observer=observer)

@@ -114,12 +114,25 @@ class Recorder:
         if observer is not None:
             if observer.ttft is not None:
                 s.ttft.observe(observer.ttft)
+                if observer.first_answer is not None:
+                    s.ttfat.observe(observer.first_answer - ex.t0)
+                if (thinking := observer.reasoning_s) is not None:
+                    s.reasoning_s.observe(thinking)
             observe_all(s.itl, observer.gaps)
-            if observer.tpot is not None and status == 200:
-                s.tpot.observe(observer.tpot)
+            if status == 200:
+                if observer.tpot is not None:
+                    s.tpot.observe(observer.tpot)
+                if observer.empty_answer:
+                    s.empty_answers.inc()
         if usage is not None:
             s.prompt_tokens.inc(usage.prompt_tokens)
             s.completion_tokens.inc(usage.completion_tokens)
+            if observer is None:
+                s.answer_tokens.inc(usage.completion_tokens)
+            else:
+                if reasoning := observer.reasoning_tokens:
+                    s.reasoning_tokens.inc(reasoning)
+                s.answer_tokens.inc(observer.answer_tokens(usage.completion_tokens))
             if ex.card is not None and ex.card.list_price is not None:
                 s.cost_list_price.inc(list_price_usd(ex.card.list_price, usage.prompt_tokens, usage.completion_tokens))
 

@@ -8,6 +8,13 @@ across reads at any byte, and comment lines.
 Definitions (docs/measurement.md): a chunk is *token-bearing* when a choice carries non-empty ``delta.content``,
 ``delta.reasoning_content``/``delta.reasoning``, ``delta.tool_calls`` or (completions) ``text``. vLLM's first chunk
 is role-only (``"content": ""``) and does not count.
+
+Reasoning and answer are told apart: a *reasoning* chunk carries ``reasoning_content`` or ``reasoning`` (what vLLM
+streams when started with ``--reasoning-parser``), an *answer* chunk ``content``, ``text`` or ``tool_calls``. A
+server started without a parser leaves ``<think>...</think>`` inside the content: the observer counts what is
+between the tags as reasoning and flags the call (``think_in_content``). When the ``<think>`` was in the prompt
+(DeepSeek-R1's template opens it there), the content starts with thinking and only ``</think>`` shows where it
+ended: what came before it is counted again as reasoning, at its own times.
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ _BOUNDARY = b"\n\n"
 # They run on the event's bytes (no decoding): the keys are ASCII, and UTF-8 never puts an ASCII byte inside a
 # multi-byte character.
 _SLOW = re.compile(rb'"(?:usage|error)"\s*:\s*[{"\[]|"object"\s*:\s*"error"')
-_TOKEN = re.compile(rb'"(?:content|reasoning_content|reasoning|text)"\s*:\s*"(?!")|"tool_calls"\s*:\s*\[\s*\{')
+_REASONING = re.compile(rb'"(?:reasoning_content|reasoning)"\s*:\s*"(?!")')
+_ANSWER = re.compile(rb'"(?:content|text)"\s*:\s*"(?!")|"tool_calls"\s*:\s*\[\s*\{')
 _FINISH = re.compile(rb'"finish_reason"\s*:\s*"([^"\\]+)"')
 _DONE = b"data: [DONE]\n\n"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 @dataclass(slots=True)
@@ -128,19 +137,34 @@ def read_usage(obj: Any) -> Usage | None:
     )
 
 
-def _carries_tokens(choices: list[Any]) -> bool:
+def reasoning_tokens_of(obj: Any) -> int | None:
+    """``usage.completion_tokens_details.reasoning_tokens`` (vLLM reports it when started with a reasoning
+    parser), or None."""
+    usage = obj.get("usage") if isinstance(obj, dict) else None
+    details = usage.get("completion_tokens_details") if isinstance(usage, dict) else None
+    value = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _parts(choices: list[Any]) -> tuple[bool, list[str], bool]:
+    """(any reasoning, the answer texts, any tool call) of a chunk's choices."""
+    reasoning, texts, tools = False, [], False
     for choice in choices:
         if not isinstance(choice, dict):
             continue
-        if choice.get("text"):
-            return True
+        text = choice.get("text")
+        if isinstance(text, str) and text:
+            texts.append(text)
         delta = choice.get("delta")
-        if isinstance(delta, dict) and (
-            delta.get("content") or delta.get("reasoning_content") or delta.get("reasoning")
-            or delta.get("tool_calls")
-        ):  # fmt: skip
-            return True
-    return False
+        if isinstance(delta, dict):
+            if delta.get("reasoning_content") or delta.get("reasoning"):
+                reasoning = True
+            content = delta.get("content")
+            if isinstance(content, str) and content:
+                texts.append(content)
+            if delta.get("tool_calls"):
+                tools = True
+    return reasoning, texts, tools
 
 
 def _text_of(choices: list[Any]) -> str:
@@ -172,6 +196,17 @@ class StreamObserver:
     finish_reason: str | None = None
     text: list[str] = field(default_factory=list)
     token_chunks: int = 0  # chunks that carried tokens (each at least one)
+    # Reasoning vs answer (the module docstring): when each began, how many chunks of each, the backend's count.
+    first_reasoning: float | None = None
+    last_reasoning: float | None = None
+    first_answer: float | None = None
+    reasoning_chunks: int = 0
+    answer_chunks: int = 0
+    reasoning_reported: int | None = None  # usage.completion_tokens_details.reasoning_tokens
+    think_in_content: bool = False  # <think> tags were found in the content (a server without a reasoning parser)
+    whole_answer: bool = False  # a non-streaming answer had answer content (no times to tell it by)
+    whole_reasoning: bool = False  # ... and reasoning
+    _in_think: bool = False
 
     def observe_raw(self, raw: bytes, now: float | None = None) -> bool:
         """``observe`` for an event's bytes, as ``SSEFramer.feed_raw`` gives them (the relay's path)."""
@@ -196,8 +231,12 @@ class StreamObserver:
             or _SLOW.search(raw) is not None
         ):
             return False
-        if _TOKEN.search(raw) is not None:
-            self._token(time.perf_counter() if now is None else now)
+        answer = _ANSWER.search(raw) is not None
+        if answer and (self._in_think or b"think>" in raw):
+            return False  # thinking tags inside the content: parsed (``observe``)
+        reasoning = _REASONING.search(raw) is not None
+        if answer or reasoning:
+            self._token(time.perf_counter() if now is None else now, reasoning, answer)
         if (finish := _FINISH.search(raw)) is not None:
             self.finish_reason = finish.group(1).decode("utf-8", "replace")
         return True
@@ -227,11 +266,17 @@ class StreamObserver:
         usage = read_usage(obj)
         if usage is not None:
             self.usage = usage
+            self.reasoning_reported = reasoning_tokens_of(obj)
         choices = obj.get("choices")
         if not isinstance(choices, list) or not choices:
             return usage is not None
-        if _carries_tokens(choices):
-            self._token(time.perf_counter() if now is None else now)
+        reasoning, texts, tools = _parts(choices)
+        answer = tools
+        for text in texts:
+            thought, said = self._split_think(text)
+            reasoning, answer = reasoning or thought, answer or said
+        if reasoning or answer:
+            self._token(time.perf_counter() if now is None else now, reasoning, answer)
             if self.keep_text:
                 self.text.append(_text_of(choices))
         for choice in choices:
@@ -240,11 +285,13 @@ class StreamObserver:
         return False
 
     def observe_answer(self, obj: Any) -> None:
-        """A non-streaming answer (one JSON body): its usage, its finish reason and, when kept, its text (the first
-        choice's message, or a completion's text). No token times: a whole body has no first token."""
+        """A non-streaming answer (one JSON body): its usage, its finish reason, whether it reasoned and answered
+        and, when kept, its text (the first choice's message, or a completion's text). No token times: a whole body
+        has no first token."""
         if not isinstance(obj, dict):
             return
         self.usage = read_usage(obj)
+        self.reasoning_reported = reasoning_tokens_of(obj)
         choices = obj.get("choices")
         for choice in choices if isinstance(choices, list) else []:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
@@ -253,16 +300,92 @@ class StreamObserver:
                 self.finish_reason = str(choice["finish_reason"])
             message = choice.get("message")
             text = message.get("content") if isinstance(message, dict) else choice.get("text")
+            said = bool(isinstance(message, dict) and message.get("tool_calls"))
+            thought = bool(isinstance(message, dict) and (message.get("reasoning_content") or message.get("reasoning")))
+            if isinstance(text, str) and text:
+                in_tags, outside = self._split_think(text)
+                thought, said = thought or in_tags, said or outside
+            self.whole_answer = said
+            self.whole_reasoning = thought
             if self.keep_text and isinstance(text, str):
                 self.text.append(text)
 
-    def _token(self, t: float) -> None:
+    def _split_think(self, text: str) -> tuple[bool, bool]:
+        """(carries reasoning, carries answer) for one piece of content, following ``<think>`` tags across chunks."""
+        if self._in_think:
+            if THINK_CLOSE not in text:
+                return True, False
+            self._in_think = False
+            return True, bool(text.split(THINK_CLOSE, 1)[1])
+        if THINK_OPEN in text and self.first_answer is None:
+            self.think_in_content = True
+            before, rest = text.split(THINK_OPEN, 1)
+            if THINK_CLOSE in rest:
+                return True, bool(before) or bool(rest.split(THINK_CLOSE, 1)[1])
+            self._in_think = True
+            return True, bool(before)
+        if THINK_CLOSE in text and not self.think_in_content and self.reasoning_chunks == 0:
+            # The <think> was in the prompt: the answer so far was thinking.
+            self.think_in_content = True
+            if self.first_answer is not None:
+                self.first_reasoning, self.last_reasoning = self.first_answer, self.last_token
+                self.reasoning_chunks, self.answer_chunks, self.first_answer = self.answer_chunks, 0, None
+            return True, bool(text.split(THINK_CLOSE, 1)[1])
+        return False, True
+
+    def _token(self, t: float, reasoning: bool = False, answer: bool = True) -> None:
         self.token_chunks += 1
         if self.first_token is None:
             self.first_token = t
         elif self.last_token is not None:
             self.gaps.append(t - self.last_token)
         self.last_token = t
+        if reasoning:
+            self.reasoning_chunks += 1
+            self.last_reasoning = t
+            if self.first_reasoning is None:
+                self.first_reasoning = t
+        if answer:
+            self.answer_chunks += 1
+            if self.first_answer is None:
+                self.first_answer = t
+
+    @property
+    def ttfat(self) -> float | None:
+        """Time to first answer token: the first chunk with answer content (or text, or a tool call)."""
+        return None if self.first_answer is None else self.first_answer - self.t0
+
+    @property
+    def reasoning_s(self) -> float | None:
+        """Thinking time: from the first reasoning chunk to the first answer chunk (to the last reasoning chunk
+        when no answer came); None for a call that did not think."""
+        if self.first_reasoning is None:
+            return None
+        end = self.first_answer if self.first_answer is not None else self.last_reasoning
+        return None if end is None else max(0.0, end - self.first_reasoning)
+
+    @property
+    def reasoning_tokens(self) -> int:
+        """The backend's count when it reported one, else the reasoning chunks (``reasoning_counted``)."""
+        return self.reasoning_reported if self.reasoning_reported is not None else self.reasoning_chunks
+
+    @property
+    def reasoning_counted(self) -> bool:
+        """True when ``reasoning_tokens`` was counted from chunks, not reported by the backend."""
+        return self.reasoning_reported is None
+
+    def answer_tokens(self, completion_tokens: int) -> int:
+        """Completion tokens that were not reasoning (the answer chunks when the split was not reported)."""
+        if self.reasoning_reported is not None:
+            return max(0, completion_tokens - self.reasoning_reported)
+        if self.reasoning_chunks == 0:
+            return completion_tokens
+        return max(0, completion_tokens - self.reasoning_chunks) if completion_tokens else self.answer_chunks
+
+    @property
+    def empty_answer(self) -> bool:
+        """The call produced no answer at all (e.g. the thinking used the whole ``max_tokens``)."""
+        return self.first_answer is None and not self.whole_answer
 
     @property
     def ttft(self) -> float | None:
