@@ -56,7 +56,7 @@ class Emulator:
         except VllmError as err:
             return JSONResponse(err.body(), status_code=err.status, headers={"x-emulator": EMULATOR})
         choices = generate.choices(p, self.config, self.tokens, self.rng)
-        prompts = generate.prompt_steps(p, self.tokens, self.rng)
+        prompts = generate.prompt_steps(p, self.tokens)
         rid = ("chatcmpl-" if chat else "cmpl-") + (p.request_id or uuid.uuid4().hex)
         headers = {"x-emulator": EMULATOR, "x-request-id": request.headers.get("x-request-id", rid)}
         if p.ignored:

@@ -96,16 +96,17 @@ def choices(plan: Plan, cfg: EmulatorConfig, tokens: TokenModel, rng: random.Ran
     return out
 
 
-def prompt_steps(plan: Plan, tokens: TokenModel, rng: random.Random) -> list[list[logprobs.Step | None]] | None:
+def prompt_steps(plan: Plan, tokens: TokenModel) -> list[list[logprobs.Step | None]] | None:
     """Each prompt's logprobs (``None`` first), when vLLM computes them: ``prompt_logprobs`` asked, or ``echo``
-    (with ``logprobs`` on completions; always on chat, where ``top_logprobs`` then sets the width)."""
+    (with ``logprobs`` on completions; always on chat, where ``top_logprobs`` then sets the width). They depend on
+    the prompt alone, as a model's would: the same prompt always scores the same, whatever the seed."""
     width = plan.prompt_logprobs
     if width is None and plan.echo:
         width = (plan.logprobs or 0) if plan.chat else plan.logprobs
     if width is None:
         return None
     out: list[list[logprobs.Step | None]] = []
-    for p, ids in enumerate(plan.prompts):
-        own = random.Random(f"prompt:{plan.seed}:{p}") if plan.seed is not None else random.Random(rng.random())
+    for ids in plan.prompts:
+        own = random.Random("prompt:" + ",".join(map(str, ids)))
         out.append([None, *logprobs.steps(ids[1:], max(width, 1), own, tokens.filler)])
     return out

@@ -107,6 +107,8 @@ class HfTokens:
         from tokenizers import Tokenizer
 
         root = Path(directory)
+        if not (root / "tokenizer.json").is_file():
+            raise ValueError(f"tokenizer: no tokenizer.json in {directory}")
         self.tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
         config_path = root / "tokenizer_config.json"
         self.config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.exists() else {}
