@@ -52,6 +52,17 @@ def _emulate_parser(sub: Any) -> None:
     p.add_argument("--fail-rate", type=float, default=0.0, help="fraction of requests answered 500")
     p.add_argument("--stream-error-rate", type=float, default=0.0, help="fraction of streams with an error event")
     p.add_argument("--drop-rate", type=float, default=0.0, help="fraction of streams cut off mid-way")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="DIR",
+        help="a Hugging Face tokenizer directory (tokenizer.json): real tokens; default: tokens are words",
+    )
+    p.add_argument(
+        "--enable-tokenizer-info-endpoint",
+        action="store_true",
+        help="serve GET /tokenizer_info (off by default, as in vLLM)",
+    )
 
 
 def _up_parser(sub: Any) -> None:
@@ -215,12 +226,19 @@ def emulate(args: argparse.Namespace) -> int:
         fail_rate=args.fail_rate,
         stream_error_rate=args.stream_error_rate,
         drop_rate=args.drop_rate,
+        tokenizer=args.tokenizer,
+        tokenizer_info=args.enable_tokenizer_info_endpoint,
     )
     print(
         f"vLLM EMULATOR (not a model) answering as {args.model!r} on http://{args.host}:{args.port}",
         flush=True,
     )
-    uvicorn.run(create_emulator_app(config), host=args.host, port=args.port, log_level="warning", access_log=False)
+    try:
+        app = create_emulator_app(config)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 
 

@@ -1,0 +1,28 @@
+"""The emulator's settings and the limits it shares with vLLM 0.32's defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EMULATOR = "vllm-emulator"
+MAX_LOGPROBS = 20  # vLLM's --max-logprobs default
+MAX_N = 16384  # VLLM_MAX_N_SEQUENCES
+MAX_STOP_STRINGS = 4  # VLLM_MAX_STOP_STRINGS
+MAX_PROMPTS = 1024  # VLLM_MAX_COMPLETION_PROMPTS
+
+
+@dataclass(slots=True)
+class EmulatorConfig:
+    model: str
+    ttft_ms: float = 200.0
+    itl_ms: float = 20.0
+    output_tokens: int = 64
+    jitter: float = 0.0  # each delay is multiplied by a factor drawn uniformly from [1 - jitter, 1 + jitter]
+    seed: int = 0
+    batch_size: int = 64
+    max_model_len: int = 4096
+    fail_rate: float = 0.0  # fraction of requests answered with a 500 before any byte
+    stream_error_rate: float = 0.0  # fraction of streams that send an error event half-way
+    drop_rate: float = 0.0  # fraction of streams cut off half-way, without [DONE]
+    tokenizer: str | None = None  # a Hugging Face tokenizer directory (tokenizer.json); None: tokens are words
+    tokenizer_info: bool = False  # serve GET /tokenizer_info, as vLLM does with --enable-tokenizer-info-endpoint
