@@ -89,7 +89,14 @@ def _up_parser(sub: Any) -> None:
 def _compare_parser(sub: Any) -> None:
     p = sub.add_parser("compare", help="run identical prompts against several models and write a report")
     p.add_argument("--prompts", default="builtin", help="a JSONL file (prompt or messages per line) or 'builtin'")
-    p.add_argument("--models", default="all", help="comma-separated model ids or aliases, or 'all'")
+    p.add_argument(
+        "--models", default="all", help="comma-separated model ids or aliases (model+VARIANT for a variant), or 'all'"
+    )
+    p.add_argument(
+        "--variant", action="append", default=[], metavar="NAME=JSON",
+        help="request fields for an extra arm, e.g. nothink='{\"chat_template_kwargs\":{\"enable_thinking\":false}}';"
+        " repeatable; applied to every model unless --models names arms as model+NAME",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="directory for report.html, results.csv, summary.md")
     p.add_argument("--gateway", default="http://127.0.0.1:8000", help="the gateway's URL")
     p.add_argument("--concurrency", type=int, default=1, help="calls in flight at once (default 1: no contention)")
@@ -262,6 +269,7 @@ def up(args: argparse.Namespace) -> int:
 def compare_run(args: argparse.Namespace) -> int:
     from gateway.compare import report
     from gateway.compare import runs as compare
+    from gateway.compare.arms import ArmError, arms, parse_variant_option
     from gateway.compare.store import Store
 
     url = args.gateway.rstrip("/").removesuffix("/v1")
@@ -284,15 +292,20 @@ def compare_run(args: argparse.Namespace) -> int:
         print(f"error: cannot list models at {url}/v1/models: {exc}", file=sys.stderr)
         return 1
     names = {m["id"]: m["id"] for m in listed} | {a: m["id"] for m in listed for a in m.get("aliases", [])}
-    wanted = list(names.values()) if args.models == "all" else [m.strip() for m in args.models.split(",")]
-    unknown = [m for m in wanted if m not in names]
-    if unknown:
-        print(f"error: unknown model(s) {', '.join(unknown)}; the gateway serves {', '.join(sorted(names))}")
+    wanted = (
+        list(dict.fromkeys(names.values())) if args.models == "all" else [m.strip() for m in args.models.split(",")]
+    )
+    try:
+        variants = dict(parse_variant_option(option) for option in args.variant)
+        models = arms(wanted, variants, names.get)
+    except ArmError as exc:
+        served = f"; the gateway serves {', '.join(sorted(names))}" if exc.unknown_model else ""
+        print(f"error: {exc}{served}", file=sys.stderr)
         return 2
-    models = list(dict.fromkeys(names[m] for m in wanted))
     cards = compare.fetch_cards(url, api_key)
     total = len(models) * len(prompts) * args.repeat
-    print(f"{len(prompts)} prompts x {len(models)} models x {args.repeat} -> {total} calls via {url}", flush=True)
+    what = "arms" if variants else "models"
+    print(f"{len(prompts)} prompts x {len(models)} {what} x {args.repeat} -> {total} calls via {url}", flush=True)
     results = compare.run(
         url, models, prompts, max_tokens=args.max_tokens, concurrency=args.concurrency, repeat=args.repeat,
         progress=compare.ProgressBar(), api_key=api_key,

@@ -65,7 +65,7 @@ def test_bad_prompt_file_and_unknown_model(stack: Stack, tmp_path: Path) -> None
     done = gateway_compare("--gateway", stack.url, "--prompts", str(bad), "--out", str(tmp_path / "x"))
     assert done.returncode == 2 and f"{bad}:2" in done.stderr
     done = gateway_compare("--gateway", stack.url, "--models", "gpt-9", "--out", str(tmp_path / "x"))
-    assert done.returncode == 2 and "unknown model(s) gpt-9" in done.stdout
+    assert done.returncode == 2 and "The model `gpt-9` does not exist" in done.stderr
     unreachable = gateway_compare("--gateway", "http://127.0.0.1:9", "--out", str(tmp_path / "x"))
     assert unreachable.returncode == 1 and "cannot list models" in unreachable.stderr
 

@@ -101,6 +101,12 @@ def test_csv_round_trips(report: ReportPaths) -> None:
     assert rows[-1]["text"] == f"{LLAMA} answer 7: 长城"  # UTF-8
 
 
+def columns(markdown: str) -> dict[str, int]:
+    """The per-model table's column names and their positions."""
+    header = [c.strip() for c in markdown.splitlines()[6].strip("|").split("|")]
+    return {name: i for i, name in enumerate(header)}
+
+
 def model_line(markdown: str, model: str) -> list[str]:
     line = next(x for x in markdown.splitlines() if x.startswith(f"| {model} |"))
     return [c.strip() for c in line.strip("|").split("|")]
@@ -108,8 +114,7 @@ def model_line(markdown: str, model: str) -> list[str]:
 
 def test_summary_markdown(report: ReportPaths) -> None:
     md = report.markdown.read_text(encoding="utf-8")
-    header = [c.strip() for c in md.splitlines()[6].strip("|").split("|")]
-    col = {name: i for i, name in enumerate(header)}
+    col = columns(md)
     # (model, origin, ok/total, TTFT p50 ms, TPOT p50 ms, output tok/s, GPU $/1M, list $/1M, blended $/1M)
     # TTFT p50 of 8 values = mean of the 4th and 5th sorted; of deepseek's 7 successful ones = the 4th:
     #   qwen (0.160 + 0.180) / 2 = 170 ms; llama sorted .20 .25 .28 .30 .32 ... -> (0.30 + 0.32) / 2 = 310 ms;
@@ -133,8 +138,14 @@ def test_summary_markdown(report: ReportPaths) -> None:
     assert model_line(md, DEEPSEEK)[col["completion tokens"]] == "700"
     # CN pools 1420 tokens: ($0.072 + $0.04) / 1420 x 1e6 = $78.87; a list price is missing for deepseek
     cn = model_line(md, "CN")
-    assert (cn[1], cn[2], cn[-3], cn[-2]) == (f"{QWEN}, {DEEPSEEK}", "15/16", "78.87", "\u2013")
-    assert model_line(md, "US")[-3] == "25.00"
+    group = {name: i - 1 for name, i in col.items()}  # an origin row leads with two cells, a model's with three
+    assert (cn[1], cn[2], cn[group["GPU $/1M out"]], cn[group["list $/1M out"]]) == (
+        f"{QWEN}, {DEEPSEEK}",
+        "15/16",
+        "78.87",
+        "\u2013",
+    )
+    assert model_line(md, "US")[group["GPU $/1M out"]] == "25.00"
     # llama is the only US model, hence the default baseline; every qwen TTFT is below llama's, every deepseek one above
     assert f"{QWEN} is " in md and f"% faster than {LLAMA} in TTFT on the same 4 prompts, 8 paired calls" in md
     assert f"% slower than {LLAMA} in TTFT on the same 4 prompts, 7 paired calls" in md  # the failed call drops out
@@ -260,3 +271,39 @@ def test_html_escapes_a_hostile_model_name_and_answer(tmp_path: Path) -> None:
     assert f"<td>{html.escape(HOSTILE_ORIGIN)}</td>" in page and "<b>" not in page
     # a formula is only text in HTML: shown as written, its quotes escaped
     assert '<div class="ans">=HYPERLINK(&quot;http://x&quot;)</div>' in page
+
+
+def test_reasoning_arms_time_to_first_answer_and_cost_per_answer(tmp_path: Path) -> None:
+    """A thinking arm and its thinking-off variant against a US model: TTFAT, reasoning share, empty answers (flagged
+    in the answers), $ per answer, reasoning shown collapsed, and paired comparisons on TTFAT."""
+    rows = []
+    for k in range(4):
+        base = CallResult(comparison_id="run-r", kind="run", model=QWEN, prompt_id=f"p{k}", family="qwen3",
+                          origin="CN", tpot_s=0.01, e2e_s=1.0, prompt_tokens=10, created_at=1000.0 + k)  # fmt: skip
+        empty = k == 3
+        rows.append(replace(base, ttft_s=0.05, ttfat_s=None if empty else 0.5, reasoning_s=0.45,
+                            completion_tokens=100, reasoning_tokens=100 if empty else 80,
+                            answer_tokens=0 if empty else 20, empty_answer=int(empty),
+                            reasoning_text=f"thinking <{k}>", text="" if empty else "answer",
+                            finish_reason="length" if empty else "stop", cost_list_usd=0.0002))  # fmt: skip
+        rows.append(replace(base, variant="nothink", ttft_s=0.05, ttfat_s=0.05, completion_tokens=20,
+                            answer_tokens=20, text="quick", cost_list_usd=0.00004))  # fmt: skip
+        rows.append(replace(rows[-1], model=LLAMA, variant="", family="llama", origin="US", ttfat_s=0.1,
+                            ttft_s=0.1, cost_list_usd=0.00002))  # fmt: skip
+    paths = write_report(rows, CARDS, tmp_path)
+    md = paths.markdown.read_text(encoding="utf-8")
+    col = columns(md)
+    think, nothink = model_line(md, QWEN), model_line(md, f"{QWEN}+nothink")
+    assert think[col["TTFAT p50 ms"]] == "500.0" and nothink[col["TTFAT p50 ms"]] == "50.0"
+    assert think[col["reasoning share"]] == "85%"  # (3 x 80 + 100) / 400
+    assert think[col["empty answers"]] == "1" and nothink[col["empty answers"]] == "0"
+    assert think[col["list $/answer"]] == "0.0002" and nothink[col["list $/answer"]] == "4e-05"
+    assert f"{QWEN}+nothink is 50% faster than {LLAMA} in time to first answer token" in md
+    assert f"{QWEN}: 1 of 4 successful calls ended with no answer" in md
+    page = paths.html.read_text(encoding="utf-8")
+    assert "<details><summary>reasoning (80 tokens, 12 chars)</summary>" in page
+    assert "thinking &lt;0&gt;" in page  # escaped, like every text from a model
+    assert "no answer: the thinking used the whole budget (finish_reason length)" in page
+    with paths.csv.open(encoding="utf-8") as f:
+        variants = [r["variant"] for r in csv.DictReader(f)]
+    assert variants.count("nothink") == 4

@@ -309,3 +309,31 @@ def test_inter_token_latency_with_the_store_on_a_file_equals_it_in_memory(tmp_pa
     )
     assert stored >= 2 * calls["file"]  # every loading call and its mirror were written (and the timed streams)
     assert on < 1.5 * off + 0.010, (on, off)
+
+
+def test_a_results_file_from_before_the_reasoning_columns_opens_and_reads(tmp_path: Path) -> None:
+    """A store made by an older version (no variant, ttfat_s, ... columns) gets them added when opened; its old
+    rows read the defaults, new rows keep everything."""
+
+    from gateway.compare.store import CallResult, Store
+
+    path = tmp_path / "old.sqlite"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE results (id INTEGER PRIMARY KEY AUTOINCREMENT, comparison_id TEXT, kind TEXT, model TEXT, "
+        "prompt_id TEXT, prompt_category TEXT, repeat INTEGER, backend TEXT, family TEXT, origin TEXT, ttft_s REAL, "
+        "tpot_s REAL, e2e_s REAL, prompt_tokens INTEGER, completion_tokens INTEGER, output_tps REAL, "
+        "cost_gpu_usd REAL, cost_list_usd REAL, finish_reason TEXT, text TEXT, error TEXT, created_at REAL)"
+    )
+    old.execute("INSERT INTO results (comparison_id, kind, model, prompt_id, prompt_category, repeat, family, "
+                "origin, prompt_tokens, completion_tokens, created_at) VALUES ('c', 'run', 'm', 'p', '', 0, '', '', "
+                "3, 4, 1.0)")  # fmt: skip
+    old.commit()
+    old.close()
+    store = Store(path)
+    store.add([CallResult(comparison_id="c", kind="run", model="m", variant="nothink", ttfat_s=0.5,
+                          reasoning_tokens=7, reasoning_text="hmm")])  # fmt: skip
+    before, after = store.comparison("c")
+    store.close()
+    assert (before.variant, before.reasoning_tokens, before.ttfat_s, before.arm) == ("", 0, None, "m")
+    assert (after.arm, after.reasoning_tokens, after.ttfat_s, after.reasoning_text) == ("m+nothink", 7, 0.5, "hmm")

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from gateway.api.openai import request_id_of
 from gateway.api.responses import error_response
 from gateway.auth import Client
+from gateway.compare.arms import Arm, ArmError, arms, check_variants
 from gateway.compare.fanout import Charge, Outcome, assemble, call_model
 from gateway.compare.store import as_dict
 from gateway.config import ModelCard
@@ -46,40 +47,48 @@ log = logging.getLogger("gateway.api.compare")
 QUEUE_EVENTS = 64  # events of a streaming fan-out waiting for its client, all models together
 
 
-def _models(gw: Gateway, body: dict[str, Any]) -> list[ModelCard]:
+def _arms(gw: Gateway, body: dict[str, Any]) -> list[Arm]:
+    """The arms asked for: ``models`` (names, ``model+variant``, or "all") with the ``variants`` defined."""
     wanted = body.get("models")
     if wanted == "all":
-        return list(gw.settings.models)
+        wanted = [card.id for card in gw.settings.models]
     if not isinstance(wanted, list) or not wanted or not all(isinstance(m, str) for m in wanted):
         raise InvalidRequest('models: a non-empty list of model names, or "all"', param="models")
+    try:
+        found = arms(wanted, check_variants(body.get("variants")), gw.pool.table.resolve)
+    except ArmError as err:
+        if err.unknown_model:
+            raise ModelNotFound(str(err), param="models") from None
+        raise InvalidRequest(str(err), param="variants") from None
     limit = gw.settings.gateway.request_limits.max_fanout_models
-    if len(wanted) > limit:
+    if len(found) > limit:
         raise InvalidRequest(
             f"models: more than {limit} models (gateway.request_limits.max_fanout_models)", param="models"
         )
-    cards: dict[str, ModelCard] = {}
-    for name in wanted:
-        model = gw.pool.table.resolve(name)
-        if model is None:
-            raise ModelNotFound(f"The model `{name}` does not exist.", param="models")
-        cards.setdefault(model, gw.settings.card(model))
-    return list(cards.values())
+    return found
 
 
-def _parse(gw: Gateway, raw: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], list[ModelCard], ParsedRequest]:
+def _parse(gw: Gateway, raw: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], list[Arm], list[ParsedRequest]]:
+    """The body without ``model``/``models``/``variants``, the arms, and each arm's request checked as an ordinary
+    one (so a variant's fields are held to the same rules)."""
     limits = gw.settings.gateway.request_limits
     body = json_object(raw, limits)
-    cards = _models(gw, body)
-    # the rest must be a valid ordinary request (a placeholder model stands in for the list)
-    parsed = parse_body({**body, "model": cards[0].id}, endpoint, limits)
-    parsed.size = len(raw)
-    body.pop("model", None)
-    return body, cards, parsed
+    found = _arms(gw, body)
+    for key in ("model", "models", "variants"):
+        body.pop(key, None)
+    parsed = []
+    for arm in found:
+        one = parse_body({**arm.body(body), "model": arm.model}, endpoint, limits)
+        one.size = len(raw)
+        parsed.append(one)
+    return body, found, parsed
 
 
 def _result(outcome: Outcome, endpoint: Endpoint) -> dict[str, Any]:
     return {
         "model": outcome.model,
+        "variant": outcome.variant or None,
+        "arm": outcome.arm,
         "backend": outcome.backend,
         "response": assemble(outcome, endpoint),
         "error": outcome.error,
@@ -101,20 +110,28 @@ async def fanout(request: Request, endpoint: Endpoint) -> Response:
     gw: Gateway = request.app.state.gateway
     request_id = request_id_of(request)
     client: Client | None = request.scope.get("gateway.client")
-    charge: Charge | None = None
     limit_headers: dict[str, str] = {}
+    charges: list[Charge | None] = []
     try:
-        body, cards, parsed = _parse(gw, await request.body(), endpoint)
-        stream, wants_usage = parsed.stream, parsed.client_wants_usage
+        body, found, parsed = _parse(gw, await request.body(), endpoint)
+        stream, wants_usage = parsed[0].stream, parsed[0].client_wants_usage
         if client is not None:
-            for card in cards:
-                client.check_model(card.id)
-            # N models are N requests, each with its own possible cost
-            share = client.reserve(len(cards), gw.keyring.estimate(parsed) * len(cards))
-            charge = Charge(client, share // len(cards), parsed.prompt_estimate)
+            for arm in found:
+                client.check_model(arm.model)
+            # N arms are N requests, each with its own possible cost
+            estimates = [gw.keyring.estimate(p) for p in parsed]
+            share = client.reserve(len(found), sum(estimates))
+            total = max(1, sum(estimates))
+            charges = [
+                Charge(client, share * e // total, p.prompt_estimate) for e, p in zip(estimates, parsed, strict=True)
+            ]
             limit_headers = client.headers()
+        else:
+            charges = [None] * len(found)
     except GatewayError as err:
         return error_response(err, request_id)
+    cards = [gw.settings.card(arm.model) for arm in found]
+    bodies = [arm.body(body) for arm in found]
     comparison_id = f"cmp-{uuid.uuid4().hex}"
     headers = {"x-request-id": request_id, "x-comparison-id": comparison_id, **limit_headers}
 
@@ -126,7 +143,10 @@ async def fanout(request: Request, endpoint: Endpoint) -> Response:
         async def everyone() -> list[Outcome]:
             return list(
                 await asyncio.gather(
-                    *(call_model(gw.pool, gw.recorder, c, endpoint, body, request_id, charge=charge) for c in cards)
+                    *(
+                        call_model(gw.pool, gw.recorder, c, endpoint, b, request_id, charge=ch, variant=a.variant)
+                        for a, c, b, ch in zip(found, cards, bodies, charges, strict=True)
+                    )
                 )
             )
 
@@ -138,7 +158,7 @@ async def fanout(request: Request, endpoint: Endpoint) -> Response:
         return JSONResponse({"id": comparison_id, "object": "comparison", "results": results}, headers=headers)
 
     return StreamingResponse(
-        _stream(gw, cards, endpoint, body, request_id, comparison_id, wants_usage, store, charge),
+        _stream(gw, found, cards, endpoint, bodies, request_id, comparison_id, wants_usage, store, charges),
         media_type="text/event-stream",
         headers={**headers, "cache-control": "no-cache", "x-accel-buffering": "no"},
     )
@@ -146,34 +166,38 @@ async def fanout(request: Request, endpoint: Endpoint) -> Response:
 
 async def _stream(
     gw: Gateway,
+    found: list[Arm],
     cards: list[ModelCard],
     endpoint: Endpoint,
-    body: dict[str, Any],
+    bodies: list[dict[str, Any]],
     request_id: str,
     comparison_id: str,
     wants_usage: bool,
     store: Any,
-    charge: Charge | None,
+    charges: list[Charge | None],
 ) -> AsyncIterator[bytes]:
     # Bounded: a client that reads slowly (or not at all) slows the models' reads down to its pace, through the
     # relay's own back-pressure to each backend, instead of the gateway holding their answers in memory.
     queue: asyncio.Queue[bytes] = asyncio.Queue(maxsize=QUEUE_EVENTS)
 
-    async def on_event(model: str, chunk: bytes) -> None:
-        head = json.dumps({"model": model, "type": "chunk"})[:-1].encode()
-        await queue.put(b"data: " + head + b', "chunk": ' + chunk + b"}\n\n")
+    heads = {
+        arm.name: json.dumps({"model": arm.model, "arm": arm.name, "type": "chunk"})[:-1].encode() for arm in found
+    }
 
-    async def one(card: ModelCard) -> Outcome:
+    async def on_event(arm: str, chunk: bytes) -> None:
+        await queue.put(b"data: " + heads[arm] + b', "chunk": ' + chunk + b"}\n\n")
+
+    async def one(arm: Arm, card: ModelCard, body: dict[str, Any], charge: Charge | None) -> Outcome:
         outcome = await call_model(
             gw.pool, gw.recorder, card, endpoint, body, request_id, on_event=on_event, forward_usage=wants_usage,
-            charge=charge,
+            charge=charge, variant=arm.variant,
         )  # fmt: skip
         result = _result(outcome, endpoint)
         del result["response"]
         await queue.put(b"data: " + json.dumps({"type": "result", **result}).encode() + b"\n\n")
         return outcome
 
-    tasks = [asyncio.create_task(one(card)) for card in cards]
+    tasks = [asyncio.create_task(one(*job)) for job in zip(found, cards, bodies, charges, strict=True)]
     drain = DrainStop(gw.watches)
     try:
         pending = set(tasks)

@@ -41,7 +41,7 @@ from gateway.relay.proxy import (
 )
 from gateway.relay.sse import SSEFramer, StreamObserver
 
-OnEvent = Callable[[str, bytes], Awaitable[None]]  # (model, raw JSON of one vLLM chunk)
+OnEvent = Callable[[str, bytes], Awaitable[None]]  # (arm: the model, or model+variant; raw JSON of one vLLM chunk)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,17 +91,29 @@ class Outcome:
     status: int
     cost_gpu_usd: float | None
     cost_list_usd: float | None
+    variant: str = ""  # the arm's named request overrides ("" for the plain model)
+
+    @property
+    def arm(self) -> str:
+        return f"{self.model}+{self.variant}" if self.variant else self.model
 
     def metrics(self) -> dict[str, Any]:
         o = self.observer
         usage = o.usage
         tpot = o.tpot
+        completion = usage.completion_tokens if usage else None
         return {
             "ttft_s": o.ttft,
+            "ttfat_s": o.ttfat,
+            "reasoning_s": o.reasoning_s,
             "tpot_s": tpot,
             "e2e_s": o.e2e,
             "prompt_tokens": usage.prompt_tokens if usage else None,
-            "completion_tokens": usage.completion_tokens if usage else None,
+            "completion_tokens": completion,
+            "reasoning_tokens": o.reasoning_tokens if usage else None,
+            "answer_tokens": o.answer_tokens(completion) if completion is not None else None,
+            "reasoning_tokens_from": ("chunks" if o.reasoning_counted else "usage") if usage else None,
+            "empty_answer": o.empty_answer if self.error is None else None,
             "output_tokens_per_s": 1.0 / tpot if tpot else None,
             "cost_usd": {"gpu_time": self.cost_gpu_usd, "list_price": self.cost_list_usd},
         }
@@ -110,7 +122,7 @@ class Outcome:
         error = None if self.error is None else str(self.error.get("message", self.error))
         return measured(
             comparison_id, kind, self.model, self.observer, backend=self.backend, card=card,
-            cost_gpu_usd=self.cost_gpu_usd, error=error, keep_text=keep_text,
+            cost_gpu_usd=self.cost_gpu_usd, error=error, keep_text=keep_text, variant=self.variant,
         )  # fmt: skip
 
 
@@ -160,12 +172,14 @@ async def call_model(
     forward_usage: bool = False,
     charge: Charge | None = None,
     queue: bool = True,
+    variant: str = "",
 ) -> Outcome:
     """Stream one model's answer to ``body``; never raises for the model's own failure (it is the outcome). A
     failure is what the relay makes of it (``gateway.relay.proxy``): the same error, status and count a plain call
     to the same backend gets. When the task is cancelled (the client left), the call is recorded as 499 with what
     it had received, then the cancellation goes on. ``charge``: the API key's tokens reserved for this call,
-    settled when it ends."""
+    settled when it ends. ``variant`` names the arm ``body`` is for (its events and outcome carry it)."""
+    label = f"{card.id}+{variant}" if variant else card.id
     model = card.id
     path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
     ex = Exchange(request_id, endpoint, time.perf_counter(), model=model, card=card)
@@ -180,7 +194,7 @@ async def call_model(
         count_failure(pool.metrics, ex.backend, err)
         if recorder:
             recorder.failed(ex, err.status)
-        return Outcome(model, None, observer, answer, err.body()["error"], err.status, None, None)
+        return Outcome(model, None, observer, answer, err.body()["error"], err.status, None, None, variant)
     except asyncio.CancelledError:
         if recorder:
             recorder.failed(ex, CLIENT_CLOSED)
@@ -197,7 +211,7 @@ async def call_model(
         if status != 200:
             error, status = await _error_answer(upstream, pool.metrics)
         else:
-            status, load = await _read_stream(upstream, observer, answer, model, on_event, forward_usage)
+            status, load = await _read_stream(upstream, observer, answer, label, on_event, forward_usage)
             error = observer.error
     except asyncio.CancelledError:
         cancelled = True
@@ -217,7 +231,7 @@ async def call_model(
     gpu = gpu_usd_of_call(per_hour, elapsed, load) if error is None else None
     if recorder:
         recorder.finished(ex, status, e2e=observer.e2e, usage=usage, observer=observer)
-    return Outcome(model, backend.name, observer, answer, error, status, gpu, list_cost(card, usage))
+    return Outcome(model, backend.name, observer, answer, error, status, gpu, list_cost(card, usage), variant)
 
 
 async def _error_answer(upstream: Upstream, metrics: Metrics) -> tuple[dict[str, Any], int]:

@@ -2,8 +2,9 @@
 
 Contract:
 
-- Input: CallResults and the model cards by model id. Models are listed in the order they first appear in the
-  results; a model without a card shows the family and origin its results recorded, and no prices.
+- Input: CallResults and the model cards by model id. What is compared is an *arm*: a model, or a model with a
+  named variant of the request (``model+variant``, e.g. thinking off); arms are listed in the order they first
+  appear in the results; an arm without a card shows the family and origin its results recorded, and no prices.
 - Latency, token and speed figures use successful calls only (``error is None``); "calls ok/total" counts all.
 - "output tok/s" is 1 / median TPOT: the speed one user sees (docs/measurement.md, "output speed").
 - GPU-time basis: $/1M output tokens = ``cost.gpu_usd_per_1m_output(card GPUs x $/GPU-hour, served tok/s)``, where
@@ -13,8 +14,13 @@ Contract:
 - List-price basis: the card's output $/1M; blended = ``cost.blended_price_per_1m``. A missing price shows a dash.
 - Origin groups (CN and US always, other origins when present) pool their models' calls; a group's $/1M is the
   token-weighted mean of its models' $/1M (= the group's total $ / its total output tokens), a dash if one is missing.
-- Paired comparisons (``gateway.compare.stats``): every model against the baseline (default: the first US model,
-  else the first model) on TTFT, TPOT, E2E and output speed.
+- Paired comparisons (``gateway.compare.stats``): every arm against the baseline (default: the first US model,
+  else the first arm) on TTFT, TPOT, E2E and output speed, and on time to first answer token when any call
+  reasoned.
+- Reasoning: TTFAT is the time to the first answer chunk (not reasoning); reasoning share = reasoning tokens /
+  completion tokens; "empty answers" counts successful calls with no answer (thinking used the whole max_tokens),
+  which the answers section flags. $ per answer = the whole call's cost, thinking included: on the list-price
+  basis the mean cost of a successful call, on the GPU-time basis $/1M x its mean completion tokens.
 - report.html has inline CSS and SVG drawn here; no script and nothing fetched. Every text that comes from results
   or cards is HTML-escaped. Every section is always present and says "no data" when it has none.
 - Model ids, families, origins, answers and errors come from config, a remote gateway or a model: untrusted.
@@ -61,7 +67,9 @@ GPU_NOTE = (
     "output tokens; blended = (3 x input + 1 x output) / 4."
 )
 DEFINITIONS = (
-    "TTFT: time from the request to the first chunk carrying a token (role-only chunks do not count). "
+    "TTFT: time from the request to the first chunk carrying a token, reasoning included (role-only chunks do not "
+    "count). TTFAT (time to first answer token): to the first chunk of the answer itself, after any thinking. "
+    "Reasoning share: reasoning tokens / completion tokens. $/answer: what one call costs, thinking included. "
     "TPOT = (E2E - TTFT) / (completion tokens - 1). E2E: to the last token-bearing chunk. "
     "Output tok/s = 1 / median TPOT, the speed one user sees. Paired comparisons pair the same prompt and repeat "
     "on both models and report the median of the per-prompt ratios with a 95% bootstrap confidence interval; "
@@ -93,6 +101,20 @@ class Row:
     gpu_per_1m: float | None
     list_per_1m: float | None
     blended_per_1m: float | None
+    ttfat: Summary | None = None
+    reasoning_tokens: int = 0
+    empty_answers: int = 0
+    list_per_answer: float | None = None
+
+    @property
+    def reasoning_share(self) -> float | None:
+        return self.reasoning_tokens / self.completion_tokens if self.completion_tokens else None
+
+    @property
+    def gpu_per_answer(self) -> float | None:
+        if self.gpu_per_1m is None or not self.ok:
+            return None
+        return self.gpu_per_1m * self.completion_tokens / self.ok / 1e6
 
     @property
     def output_tps(self) -> float | None:
@@ -119,9 +141,10 @@ def served_rate(calls: Sequence[CallResult]) -> float | None:
 
 
 def _by_model(results: Iterable[CallResult]) -> dict[str, list[CallResult]]:
+    """The results of each arm (a model, or model+variant), in the order the arms first appear."""
     out: dict[str, list[CallResult]] = {}
     for r in results:
-        out.setdefault(r.model, []).append(r)
+        out.setdefault(r.arm, []).append(r)
     return out
 
 
@@ -132,16 +155,21 @@ def _summary_of(calls: Sequence[CallResult], metric: str) -> Summary | None:
 
 def _row(name: str, family: str, origin: str, calls: Sequence[CallResult], prices: Sequence[float | None]) -> Row:
     good = [c for c in calls if c.error is None]
+    listed = [c.cost_list_usd for c in good]
+    per_answer = sum(x for x in listed if x is not None) / len(good) if good and None not in listed else None
+    gpu, listed_1m, blended = prices
     return Row(
         name, family, origin, len(good), len(calls), _summary_of(calls, "ttft_s"), _summary_of(calls, "tpot_s"),
-        sum(c.prompt_tokens for c in good), sum(c.completion_tokens for c in good), served_rate(calls), *prices,
+        sum(c.prompt_tokens for c in good), sum(c.completion_tokens for c in good), served_rate(calls), gpu,
+        listed_1m, blended, ttfat=_summary_of(calls, "ttfat_s"), reasoning_tokens=sum(c.reasoning_tokens for c in good),
+        empty_answers=sum(c.empty_answer for c in good), list_per_answer=per_answer,
     )  # fmt: skip
 
 
 def model_rows(results: Sequence[CallResult], cards: Mapping[str, ModelCard]) -> list[Row]:
     rows = []
     for model, calls in _by_model(results).items():
-        card = cards.get(model)
+        card = cards.get(calls[0].model)
         rate = served_rate(calls)
         gpu = gpu_usd_per_1m_output(card.gpu.cost_per_hour_usd, rate) if card and card.gpu and rate else None
         price = card.list_price if card else None
@@ -167,7 +195,7 @@ def origin_rows(results: Sequence[CallResult], rows: Sequence[Row]) -> list[Row]
     for origin in origins:
         members = [r for r in rows if r.origin == origin]
         names = {r.name for r in members}
-        calls = [c for c in results if c.model in names]
+        calls = [c for c in results if c.arm in names]
         prices = [_weighted(members, lambda r: r.gpu_per_1m), _weighted(members, lambda r: r.list_per_1m)]
         prices.append(_weighted(members, lambda r: r.blended_per_1m))
         out.append(_row(origin, ", ".join(r.name for r in members) or "no data", origin, calls, prices))
@@ -184,11 +212,13 @@ def choose_baseline(rows: Sequence[Row], baseline: str | None) -> str | None:
 def comparisons(results: Sequence[CallResult], rows: Sequence[Row], baseline: str | None) -> list[Comparison]:
     base = choose_baseline(rows, baseline)
     by_model = _by_model(results)
+    reasoned = any(r.reasoning_tokens or r.think_in_content for r in results)
+    metrics = [m for m in METRICS if m != "ttfat_s" or reasoned]  # without thinking, TTFAT is TTFT
     out = []
     for row in rows:
         if base is None or row.name == base:
             continue
-        for metric in METRICS:
+        for metric in metrics:
             p = paired(by_model[row.name], by_model[base], metric)
             out.append(Comparison(row.name, base, metric, p, describe(p, row.name, base, metric)))
     return out
@@ -211,18 +241,24 @@ def _usd(value: float | None) -> str:
 
 
 COLUMN_NAMES = (
-    "calls ok/total", "TTFT p50 ms", "TTFT p90 ms", "TTFT p99 ms", "TPOT p50 ms", "output tok/s", "prompt tokens",
-    "completion tokens", "served tok/s", "GPU $/1M out", "list $/1M out", "blended $/1M",
+    "calls ok/total", "TTFT p50 ms", "TTFT p90 ms", "TTFT p99 ms", "TTFAT p50 ms", "TPOT p50 ms", "output tok/s",
+    "prompt tokens", "completion tokens", "reasoning share", "empty answers", "served tok/s", "GPU $/1M out",
+    "list $/1M out", "blended $/1M", "GPU $/answer", "list $/answer",
 )  # fmt: skip
+
+
+def _pct_cell(share: float | None) -> str:
+    return MISSING if share is None else f"{share * 100:.0f}%"
 
 
 def _cells(row: Row) -> list[str]:
     t = row.ttft
     return [
         f"{row.ok}/{row.total}", _ms(t.p50 if t else None), _ms(t.p90 if t else None), _ms(t.p99 if t else None),
-        _ms(row.tpot.p50 if row.tpot else None), _num(row.output_tps), str(row.prompt_tokens),
-        str(row.completion_tokens), _num(row.served_tps), _usd(row.gpu_per_1m), _usd(row.list_per_1m),
-        _usd(row.blended_per_1m),
+        _ms(row.ttfat.p50 if row.ttfat else None), _ms(row.tpot.p50 if row.tpot else None), _num(row.output_tps),
+        str(row.prompt_tokens), str(row.completion_tokens), _pct_cell(row.reasoning_share), str(row.empty_answers),
+        _num(row.served_tps), _usd(row.gpu_per_1m), _usd(row.list_per_1m), _usd(row.blended_per_1m),
+        _usd(row.gpu_per_answer), _usd(row.list_per_answer),
     ]  # fmt: skip
 
 
@@ -287,6 +323,10 @@ def render_markdown(
     lines += _md_table(rows, group=False) if rows else ["No data."]
     lines += ["", "## By origin", "", *_md_table(groups, group=True), "", "## Paired comparisons", ""]
     lines += [f"- {md_escape(c.sentence)}" for c in comps] or ["No data (fewer than two models)."]
+    if empty := [r for r in rows if r.empty_answers]:
+        lines += ["", "## Empty answers", ""]
+        lines += [f"- {md_escape(r.name)}: {r.empty_answers} of {r.ok} successful calls ended with no answer (the "
+                  "thinking used the whole max_tokens)." for r in empty]  # fmt: skip
     lines += ["", "## How to read this", "", DEFINITIONS, "", GPU_NOTE, ""]
     return "\n".join(lines)
 
@@ -309,23 +349,35 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]], numeric_from: int
     return f"<table><tr>{th}</tr>{''.join(trs)}</table>"
 
 
+def _clipped(text: str) -> str:
+    if len(text) <= ANSWER_CHARS:
+        return f'<div class="ans">{escape_html(text)}</div>'
+    shown, note = escape_html(text[:ANSWER_CHARS]), f"(first {ANSWER_CHARS} of {len(text)} chars)"
+    return f'<div class="ans">{shown}…</div><span class="len">{note}</span>'
+
+
 def _answer(call: CallResult | None) -> str:
+    """A call's answer; its reasoning, if any, collapsed above it; an empty answer flagged."""
     if call is None:
         return MISSING
     if call.error is not None:
         return f'<span class="err">error: {escape_html(call.error)}</span>'
+    thought = ""
+    if call.reasoning_text:
+        label = f"reasoning ({call.reasoning_tokens} tokens, {len(call.reasoning_text)} chars)"
+        thought = f"<details><summary>{escape_html(label)}</summary>{_clipped(call.reasoning_text)}</details>"
+    if call.empty_answer:
+        why = f"no answer: the thinking used the whole budget (finish_reason {call.finish_reason or 'unknown'})"
+        return thought + f'<span class="err">{escape_html(why)}</span>'
     if call.text is None:
-        return '<span class="nodata">(answer not kept)</span>'
-    if len(call.text) <= ANSWER_CHARS:
-        return f'<div class="ans">{escape_html(call.text)}</div>'
-    shown, note = escape_html(call.text[:ANSWER_CHARS]), f"(first {ANSWER_CHARS} of {len(call.text)} chars)"
-    return f'<div class="ans">{shown}…</div><span class="len">{note}</span>'
+        return thought + '<span class="nodata">(answer not kept)</span>'
+    return thought + _clipped(call.text)
 
 
 def _answers(results: Sequence[CallResult], models: Sequence[str]) -> str:
     cells: dict[tuple[str, str, int], dict[str, CallResult]] = {}
     for r in results:
-        cells.setdefault((r.comparison_id, r.prompt_id, r.repeat), {}).setdefault(r.model, r)
+        cells.setdefault((r.comparison_id, r.prompt_id, r.repeat), {}).setdefault(r.arm, r)
     if not cells:
         return NO_DATA
     rows = []
@@ -398,6 +450,7 @@ def render_html(
         ("Summary", _summary_table(rows, group=False)),
         ("By origin: CN vs US", _summary_table(groups, group=True)),
         ("TTFT distribution", distribution("ttft_s")),
+        ("Time to first answer token distribution", distribution("ttfat_s")),
         ("TPOT distribution", distribution("tpot_s")),
         ("Output speed", bar_chart("output tok/s = 1 / median TPOT", speed, "tok/s", _num) if rows else NO_DATA),
         ("Cost per 1M output tokens", _cost_section(rows)),

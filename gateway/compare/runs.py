@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from gateway.compare.arms import Arm
 from gateway.compare.store import CallResult, measured
 from gateway.config import ModelCard
 from gateway.cost import list_price_usd
@@ -111,17 +112,15 @@ def load_prompts(source: str) -> list[Prompt]:
 
 
 async def call(
-    client: httpx.AsyncClient, url: str, model: str, prompt: Prompt, max_tokens: int, comparison_id: str, repeat: int
-) -> CallResult:
-    body = {
-        "model": model,
-        "messages": prompt.messages,
-        "max_tokens": prompt.max_tokens or max_tokens,
-        "temperature": 0.0,
-        "seed": repeat,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    client: httpx.AsyncClient, url: str, arm: Arm | str, prompt: Prompt, max_tokens: int, comparison_id: str,
+    repeat: int,
+) -> CallResult:  # fmt: skip
+    """One streamed call of ``arm`` (a model, or a model with a variant's fields laid over the request)."""
+    arm = Arm(arm) if isinstance(arm, str) else arm
+    model = arm.model
+    body = arm.body({"messages": prompt.messages, "max_tokens": prompt.max_tokens or max_tokens,
+                     "temperature": 0.0, "seed": repeat})  # fmt: skip
+    body.update(model=model, stream=True, stream_options={"include_usage": True})
     obs = StreamObserver(t0=time.perf_counter(), keep_text=True)
     backend: str | None = None
     try:
@@ -135,7 +134,7 @@ async def call(
         error = f"{type(exc).__name__}: {exc}"
     return measured(
         comparison_id, "run", model, obs, backend=backend, error=error, keep_text=True, prompt_id=prompt.id,
-        prompt_category=prompt.category, repeat=repeat,
+        prompt_category=prompt.category, repeat=repeat, variant=arm.variant,
     )  # fmt: skip
 
 
@@ -184,7 +183,7 @@ class ProgressBar:
 
 async def run_async(
     url: str,
-    models: Sequence[str],
+    models: Sequence[str | Arm],
     prompts: Sequence[Prompt],
     *,
     max_tokens: int = 64,
@@ -194,10 +193,11 @@ async def run_async(
     progress: Callable[[int, int, int, float], None] | None = None,
     api_key: str | None = None,
 ) -> list[CallResult]:
-    """Every (prompt, repeat) to every model; at most ``concurrency`` calls at once, in prompt-major order so
-    every model meets the same load."""
+    """Every (prompt, repeat) to every arm (a model name, or an ``Arm``); at most ``concurrency`` calls at once, in
+    prompt-major order so every arm meets the same load."""
     cid = comparison_id or f"run-{uuid.uuid4().hex[:12]}"
-    jobs = [(p, r, m) for r in range(repeat) for p in prompts for m in models]
+    arms = [Arm(m) if isinstance(m, str) else m for m in models]
+    jobs = [(p, r, a) for r in range(repeat) for p in prompts for a in arms]
     results: list[CallResult] = []
     gate = asyncio.Semaphore(max(1, concurrency))
     started = time.monotonic()
@@ -207,19 +207,19 @@ async def run_async(
         progress(0, len(jobs), 0, started)
     async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=auth_headers(api_key)) as client:
 
-        async def one(prompt: Prompt, rep: int, model: str) -> None:
+        async def one(prompt: Prompt, rep: int, arm: Arm) -> None:
             async with gate:
-                result = await call(client, url, model, prompt, max_tokens, cid, rep)
+                result = await call(client, url, arm, prompt, max_tokens, cid, rep)
             results.append(result)
             if progress:
                 progress(len(results), len(jobs), sum(1 for r in results if r.error), started)
 
         await asyncio.gather(*(one(*job) for job in jobs))
-    order = {(p.id, r, m): i for i, (p, r, m) in enumerate(jobs)}
-    return sorted(results, key=lambda r: order[(r.prompt_id, r.repeat, r.model)])
+    order = {(p.id, r, a.name): i for i, (p, r, a) in enumerate(jobs)}
+    return sorted(results, key=lambda r: order[(r.prompt_id, r.repeat, r.arm)])
 
 
-def run(url: str, models: Sequence[str], prompts: Sequence[Prompt], **kwargs: Any) -> list[CallResult]:
+def run(url: str, models: Sequence[str | Arm], prompts: Sequence[Prompt], **kwargs: Any) -> list[CallResult]:
     return asyncio.run(run_async(url, models, prompts, **kwargs))
 
 
@@ -251,22 +251,24 @@ def table(results: Sequence[CallResult], cards: dict[str, ModelCard]) -> str:
     from gateway.compare.report import model_rows
 
     header = (
-        f"{'model':<26} {'origin':<6} {'ok':>5} {'TTFT p50 ms':>12} {'TPOT p50 ms':>12} {'out tok/s':>10} "
-        f"{'tokens in/out':>14} {'served tok/s':>13} {'$/1M out (GPU)':>15} {'$/1M out (list)':>16}"
+        f"{'model':<26} {'origin':<6} {'ok':>5} {'TTFT p50 ms':>12} {'TTFAT p50 ms':>13} {'TPOT p50 ms':>12} "
+        f"{'out tok/s':>10} {'tokens in/out':>14} {'served tok/s':>13} {'$/1M out (GPU)':>15} {'$/1M out (list)':>16}"
     )
     lines = [header, "-" * len(header)]
     for row in model_rows(results, cards):
         ttft, tpot = (row.ttft.p50 if row.ttft else None), (row.tpot.p50 if row.tpot else None)
+        ttfat = row.ttfat.p50 if row.ttfat else None
         lines.append(
             f"{row.name:<26} {row.origin:<6} {row.ok:>2}/{row.total:<2} "
-            f"{_fmt(ttft, 1000):>12} {_fmt(tpot, 1000, 2):>12} "
+            f"{_fmt(ttft, 1000):>12} {_fmt(ttfat, 1000):>13} {_fmt(tpot, 1000, 2):>12} "
             f"{_fmt(row.output_tps):>10} {row.prompt_tokens:>6}/{row.completion_tokens:<7} "
             f"{_fmt(row.served_tps):>13} {_fmt(row.gpu_per_1m, digits=2):>15} {_fmt(row.list_per_1m, digits=2):>16}"
         )
     for r in [r for r in results if r.error][:5]:
-        lines.append(f"  error from {r.model} on {r.prompt_id}: {r.error}")
+        lines.append(f"  error from {r.arm} on {r.prompt_id}: {r.error}")
     lines.append(
-        "TTFT/TPOT: medians; out tok/s = 1/TPOT, the speed one request sees; served tok/s = output tokens / the "
-        "model's active window in this run; $/1M out (GPU) = GPU $/hour / (served tok/s x 3600) x 1e6."
+        "TTFT/TTFAT (first answer token, after any thinking)/TPOT: medians; out tok/s = 1/TPOT, the speed one "
+        "request sees; served tok/s = output tokens / the model's active window in this run; $/1M out (GPU) = "
+        "GPU $/hour / (served tok/s x 3600) x 1e6."
     )
     return "\n".join(lines)

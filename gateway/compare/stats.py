@@ -14,7 +14,8 @@ Contract:
 - Uncertainty: percentile bootstrap. ``RESAMPLES`` resamples of the pairs, with replacement, each the size of the
   data; the median of each; the 2.5th and 97.5th percentiles of those medians. The generator is
   ``random.Random(seed)`` (default seed 0), so the same results always give the same report.
-- ``describe`` turns a comparison into one sentence. Lower is better for TTFT, TPOT and E2E; higher is better for
+- ``describe`` turns a comparison into one sentence. Lower is better for TTFT, time to first answer token, TPOT and
+  E2E; higher is better for
   output speed. A 95% CI that contains ratio 1.0 is reported as "no clear difference"; fewer than 2 pairs as
   "too few pairs".
 """
@@ -30,11 +31,12 @@ from typing import Literal
 
 from gateway.compare.store import CallResult
 
-Metric = Literal["ttft_s", "tpot_s", "e2e_s", "output_tps"]
-METRICS: tuple[Metric, ...] = ("ttft_s", "tpot_s", "e2e_s", "output_tps")
-LOWER_IS_BETTER = frozenset({"ttft_s", "tpot_s", "e2e_s"})
+Metric = Literal["ttft_s", "ttfat_s", "tpot_s", "e2e_s", "output_tps"]
+METRICS: tuple[Metric, ...] = ("ttft_s", "ttfat_s", "tpot_s", "e2e_s", "output_tps")
+LOWER_IS_BETTER = frozenset({"ttft_s", "ttfat_s", "tpot_s", "e2e_s"})
 METRIC_LABELS: dict[str, str] = {
-    "ttft_s": "TTFT", "tpot_s": "TPOT", "e2e_s": "E2E latency", "output_tps": "output speed",
+    "ttft_s": "TTFT", "ttfat_s": "time to first answer token", "tpot_s": "TPOT", "e2e_s": "E2E latency",
+    "output_tps": "output speed",
 }  # fmt: skip
 RESAMPLES = 2000
 CONFIDENCE = 0.95

@@ -25,9 +25,22 @@ output_tps         REAL     1 / tpot: output tokens per second seen by this requ
 cost_gpu_usd       REAL     share of the backend's GPU cost (see cost.gpu_usd_of_call)
 cost_list_usd      REAL     usage x the card's list prices
 finish_reason      TEXT
-text               TEXT     the answer (NULL when not kept: mirrored traffic keeps none by default)
+text               TEXT     the answer (NULL when not kept: mirrored traffic keeps none by default), without
+                            its reasoning
 error              TEXT     error message, NULL on success
+variant            TEXT     the arm's request overrides, by name ("" for the plain model; ``arm`` = model+variant)
+ttfat_s            REAL     time to the first answer chunk (content, text or tool call; not reasoning)
+reasoning_s        REAL     thinking time: first reasoning chunk to first answer chunk; NULL without reasoning
+reasoning_tokens   INTEGER  usage.completion_tokens_details.reasoning_tokens, else the reasoning chunks
+reasoning_source   TEXT     "usage" or "chunks": where reasoning_tokens came from
+answer_tokens      INTEGER  completion tokens that were not reasoning
+empty_answer       INTEGER  1 when the call succeeded with no answer (thinking used the whole max_tokens)
+think_in_content   INTEGER  1 when the reasoning came as <think> tags inside the content (no reasoning parser)
+reasoning_text     TEXT     the reasoning, kept apart from the answer (NULL when text is not kept)
 =================  =======  ===============================================================================
+
+Columns added after a store file was created are added to it when it is opened (``ALTER TABLE ... ADD COLUMN``),
+so an older results file keeps working; its old rows read the new columns as NULL or their defaults.
 """
 
 from __future__ import annotations
@@ -41,7 +54,7 @@ from pathlib import Path
 
 from gateway.config import ModelCard
 from gateway.cost import list_price_usd
-from gateway.relay.sse import StreamObserver, Usage
+from gateway.relay.sse import StreamObserver, Usage, split_answer
 
 
 @dataclass(slots=True)
@@ -67,10 +80,24 @@ class CallResult:
     text: str | None = None
     error: str | None = None
     created_at: float = 0.0
+    variant: str = ""
+    ttfat_s: float | None = None
+    reasoning_s: float | None = None
+    reasoning_tokens: int = 0
+    reasoning_source: str = ""
+    answer_tokens: int = 0
+    empty_answer: int = 0
+    think_in_content: int = 0
+    reasoning_text: str | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def arm(self) -> str:
+        """What a comparison compares: the model, or the model with a named variant of the request."""
+        return f"{self.model}+{self.variant}" if self.variant else self.model
 
 
 def measured(
@@ -88,12 +115,20 @@ def measured(
     prompt_id: str = "",
     prompt_category: str = "",
     repeat: int = 0,
+    variant: str = "",
 ) -> CallResult:
     """The stored row of one measured call (a fan-out's, a mirrored pair's, a comparison run's): its timings,
     tokens and finish reason as ``observer`` saw them (E2E is the last token's, unless ``e2e_s`` gives another: a
     non-streaming answer's), family, origin and list-price cost from the model card (no cost for a call that
     failed), and the text that arrived when ``keep_text`` (a failed call's partial answer too)."""
     usage, tpot = observer.usage, observer.tpot
+    completion = usage.completion_tokens if usage else 0
+    text = reasoning = None
+    if keep_text:
+        text, reasoning = "".join(observer.text), "".join(observer.reasoning_text)
+        if observer.think_in_content:
+            thought, text = split_answer(text)
+            reasoning += thought
     return CallResult(
         comparison_id=comparison_id,
         kind=kind,
@@ -113,9 +148,18 @@ def measured(
         cost_gpu_usd=cost_gpu_usd,
         cost_list_usd=list_cost(card, usage) if error is None else None,
         finish_reason=observer.finish_reason,
-        text="".join(observer.text) if keep_text else None,
+        text=text,
         error=error,
         created_at=time.time() - (time.perf_counter() - observer.t0),  # the observer's clock is perf_counter
+        variant=variant,
+        ttfat_s=observer.ttfat,
+        reasoning_s=observer.reasoning_s,
+        reasoning_tokens=observer.reasoning_tokens if usage or observer.reasoning_chunks else 0,
+        reasoning_source="chunks" if observer.reasoning_counted else "usage",
+        answer_tokens=observer.answer_tokens(completion),
+        empty_answer=int(error is None and observer.empty_answer),
+        think_in_content=int(observer.think_in_content),
+        reasoning_text=reasoning,
     )
 
 
@@ -130,8 +174,12 @@ COLUMNS = tuple(f.name for f in fields(CallResult))
 _TYPES = {
     "repeat": "INTEGER", "prompt_tokens": "INTEGER", "completion_tokens": "INTEGER", "created_at": "REAL",
     "ttft_s": "REAL", "tpot_s": "REAL", "e2e_s": "REAL", "output_tps": "REAL", "cost_gpu_usd": "REAL",
-    "cost_list_usd": "REAL",
+    "cost_list_usd": "REAL", "ttfat_s": "REAL", "reasoning_s": "REAL", "reasoning_tokens": "INTEGER",
+    "answer_tokens": "INTEGER", "empty_answer": "INTEGER", "think_in_content": "INTEGER",
 }  # fmt: skip
+# What a column added later reads as in the rows stored before it existed (NULL when not listed).
+_DEFAULTS = {"variant": "''", "reasoning_tokens": "0", "reasoning_source": "''", "answer_tokens": "0",
+             "empty_answer": "0", "think_in_content": "0"}  # fmt: skip
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS results (id INTEGER PRIMARY KEY AUTOINCREMENT, "
     + ", ".join(f"{c} {_TYPES.get(c, 'TEXT')}" for c in COLUMNS)
@@ -154,6 +202,11 @@ class Store:
         # several gateway workers may write the same file: wait this long for another's write to finish
         self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
         self._db.executescript(SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(results)")}
+        for column in COLUMNS:
+            if column not in have:  # a file made by an older version: add what it lacks
+                default = f" NOT NULL DEFAULT {_DEFAULTS[column]}" if column in _DEFAULTS else ""
+                self._db.execute(f"ALTER TABLE results ADD COLUMN {column} {_TYPES.get(column, 'TEXT')}{default}")
         self._lock = threading.Lock()
 
     def add(self, results: Iterable[CallResult]) -> None:

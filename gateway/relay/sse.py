@@ -167,6 +167,29 @@ def _parts(choices: list[Any]) -> tuple[bool, list[str], bool]:
     return reasoning, texts, tools
 
 
+def _reasoning_of(choices: list[Any]) -> str:
+    parts: list[str] = []
+    for choice in choices:
+        if isinstance(choice, dict) and choice.get("index", 0) == 0 and isinstance(delta := choice.get("delta"), dict):
+            text = delta.get("reasoning_content") or delta.get("reasoning")
+            if isinstance(text, str):
+                parts.append(text)
+    return "".join(parts)
+
+
+def split_answer(text: str) -> tuple[str, str]:
+    """(reasoning, answer) of an answer's text that may hold ``<think>...</think>`` (a server without a reasoning
+    parser; the opening tag may have been in the prompt)."""
+    if THINK_CLOSE not in text:
+        if THINK_OPEN in text:  # thinking that never ended (the budget ran out)
+            before, thought = text.split(THINK_OPEN, 1)
+            return thought, before
+        return "", text
+    head, answer = text.split(THINK_CLOSE, 1)
+    before, _, thought = head.rpartition(THINK_OPEN)
+    return thought, before + answer
+
+
 def _text_of(choices: list[Any]) -> str:
     parts: list[str] = []
     for choice in choices:
@@ -195,6 +218,7 @@ class StreamObserver:
     error: dict[str, Any] | None = None
     finish_reason: str | None = None
     text: list[str] = field(default_factory=list)
+    reasoning_text: list[str] = field(default_factory=list)  # the first choice's reasoning fields, when kept
     token_chunks: int = 0  # chunks that carried tokens (each at least one)
     # Reasoning vs answer (the module docstring): when each began, how many chunks of each, the backend's count.
     first_reasoning: float | None = None
@@ -279,6 +303,7 @@ class StreamObserver:
             self._token(time.perf_counter() if now is None else now, reasoning, answer)
             if self.keep_text:
                 self.text.append(_text_of(choices))
+                self.reasoning_text.append(_reasoning_of(choices))
         for choice in choices:
             if isinstance(choice, dict) and choice.get("finish_reason"):
                 self.finish_reason = str(choice["finish_reason"])
@@ -309,6 +334,10 @@ class StreamObserver:
             self.whole_reasoning = thought
             if self.keep_text and isinstance(text, str):
                 self.text.append(text)
+            if self.keep_text and isinstance(message, dict):
+                thinking = message.get("reasoning_content") or message.get("reasoning")
+                if isinstance(thinking, str):
+                    self.reasoning_text.append(thinking)
 
     def _split_think(self, text: str) -> tuple[bool, bool]:
         """(carries reasoning, carries answer) for one piece of content, following ``<think>`` tags across chunks."""
