@@ -99,6 +99,20 @@ def _comparison(level: str, row: str) -> list[Panel]:
     return [
         Panel(d, row, "TTFT p50 / p95 / p99", _percentiles(level, "gateway_time_to_first_token_seconds"), "s",
               "Time to the first content-bearing chunk, measured at the gateway (streaming requests)."),
+        Panel(d, row, "TTFT vs time to first answer token (p50)",
+              (_recorded(level, "gateway_time_to_first_token_seconds:p50_5m", "{{" + level + "}} first token"),
+               _recorded(level, "gateway_time_to_first_answer_token_seconds:p50_5m",
+                         "{{" + level + "}} first answer token")), "s",
+              "A thinking model's first token is reasoning; its user waits for the first answer token. The two "
+              "lines are one for a model that does not think."),
+        Panel(d, row, "Reasoning share of output tokens", (_recorded(level, "gateway_reasoning_tokens:share_rate5m"),),
+              "percentunit", "Reasoning tokens / completion tokens (usage's reasoning_tokens, else the reasoning "
+              "chunks)."),
+        Panel(d, row, "Mean thinking time per streamed call",
+              (_recorded(level, "gateway_reasoning_duration_seconds:mean_per_request_5m"),), "s",
+              "First reasoning chunk to first answer chunk, averaged over every streamed call (0 without thinking)."),
+        Panel(d, row, "Empty-answer rate", (_recorded(level, "gateway_empty_answers:ratio_rate5m"),), "percentunit",
+              "Successful calls that ended with no answer: the thinking used the whole max_tokens."),
         Panel(d, row, "TPOT p50 / p95 / p99", _percentiles(level, "gateway_time_per_output_token_seconds"), "s",
               "(E2E - TTFT) / (completion tokens - 1)."),
         Panel(d, row, "E2E latency p50 / p95 / p99", _percentiles(level, "gateway_request_duration_seconds"), "s"),
