@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--rates", type=_rates, default=[1.0, 2.0, 4.0, 8.0], help="comma-separated req/s")
     s.add_argument("--duration", type=float, default=10.0, help="seconds per step")
     s.add_argument("--slo-ttft", type=float, default=0.0)
+    s.add_argument("--slo-ttfat", type=float, default=0.0, help="SLO on time to first answer token, seconds")
     s.add_argument("--slo-tpot", type=float, default=0.0)
     s.add_argument("--arrival", choices=("constant", "poisson", "gamma"), default="poisson")
     s.add_argument("--out", type=Path, required=True)
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         models = [m for m in args.models.split(",") if m]
         result = sweep(args.host, models, args.rates, args.duration, args.out, slo_ttft=args.slo_ttft,
-                       slo_tpot=args.slo_tpot, arrival=args.arrival)  # fmt: skip
+                       slo_tpot=args.slo_tpot, slo_ttfat=args.slo_ttfat, arrival=args.arrival)  # fmt: skip
         report.write(result, args.out)
         print(report.markdown(result))
         return 0

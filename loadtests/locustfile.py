@@ -7,11 +7,15 @@ Stats entries (request type ``LLM`` unless noted), per model; times in milliseco
 
 - ``request <model>``: every request, and every failure (HTTP error, in-stream error event, a stream that ended
   without ``[DONE]`` or without a token, a connection error). Its time is until the stream closed.
-- ``TTFT <model>``, ``TPOT <model>``, ``E2E <model>``: successful requests only (the definitions of
-  docs/measurement.md, with t0 = the client's send time).
+- ``TTFT <model>``, ``TTFAT <model>``, ``TPOT <model>``, ``E2E <model>``: successful requests only (the
+  definitions of docs/measurement.md, with t0 = the client's send time). TTFAT is the time to the first *answer*
+  token (after a thinking model's reasoning); equal to TTFT for a model that does not think. A successful request
+  with no answer at all (thinking used the whole ``max_tokens``) has no TTFAT and counts in ``empty answer
+  <model>``.
 - ``ITL <model>``: one sample per gap between token-bearing chunks.
 - ``tokens <model>``: completion tokens from the server's ``usage``, as both the size and the "time" columns.
-- ``goodput <model>``: requests that met every SLO given (``--slo-ttft``, ``--slo-tpot``, ``--slo-e2e``).
+- ``goodput <model>``: requests that met every SLO given (``--slo-ttft``, ``--slo-ttfat``, ``--slo-tpot``,
+  ``--slo-e2e``); a request with no answer misses a TTFAT SLO.
 - type ``ARRIVAL``, ``send lag <model>``: open loop only, actual minus intended send time.
 
 Open loop (``--arrival constant|poisson|gamma --rate R``): one user per process is enough (``-u 1``, or one per
@@ -61,6 +65,7 @@ def _arguments(parser: Any) -> None:
     g.add_argument("--burstiness", type=float, default=1.0, help="gamma arrivals: the shape (1 = Poisson)")
     g.add_argument("--seed", type=int, default=0, help="seed of the schedule and the synthetic prompts")
     g.add_argument("--slo-ttft", type=float, default=0.0, help="SLO on TTFT, seconds (0: none)")
+    g.add_argument("--slo-ttfat", type=float, default=0.0, help="SLO on time to first answer token, s (0: none)")
     g.add_argument("--slo-tpot", type=float, default=0.0, help="SLO on TPOT, seconds (0: none)")
     g.add_argument("--slo-e2e", type=float, default=0.0, help="SLO on E2E, seconds (0: none)")
     g.add_argument("--summary-json", default="", help="write the run's rate summary here")
@@ -145,8 +150,12 @@ class Run:
         _fire(env, "LLM", f"request {model}", (end - t0) * 1000, tokens, StreamFailure(error) if error else None)
         if error is not None or obs.ttft is None or obs.e2e is None:
             return
-        ttft, e2e, tpot = obs.ttft, obs.e2e, obs.tpot
+        ttft, e2e, tpot, ttfat = obs.ttft, obs.e2e, obs.tpot, obs.ttfat
         _fire(env, "LLM", f"TTFT {model}", ttft * 1000)
+        if ttfat is not None:
+            _fire(env, "LLM", f"TTFAT {model}", ttfat * 1000)
+        else:
+            _fire(env, "LLM", f"empty answer {model}", e2e * 1000, tokens)
         for gap in obs.gaps:
             _fire(env, "LLM", f"ITL {model}", gap * 1000)
         if tpot is not None:
@@ -156,6 +165,7 @@ class Run:
         o = self.opts
         if (
             (not o.slo_ttft or ttft <= o.slo_ttft)
+            and (not o.slo_ttfat or (ttfat is not None and ttfat <= o.slo_ttfat))
             and (not o.slo_tpot or (tpot if tpot is not None else 0.0) <= o.slo_tpot)
             and (not o.slo_e2e or e2e <= o.slo_e2e)
         ):

@@ -3,7 +3,8 @@ an SLO breach, then report each model's max sustainable rate and its GPU cost pe
 
 A step *saturates* when the achieved rate is under 95% of the intended rate (``arrival.check_rate``) or its p95
 TTFT is more than 10x the first step's. It *breaches* the SLOs when fewer than 90% of its requests met every SLO
-given. The max sustainable rate is the highest step that did neither; a model's sweep stops at its first bad step.
+given (``--slo-ttft``, ``--slo-ttfat`` on the time to first answer token, ``--slo-tpot``). The max sustainable
+rate is the highest step that did neither; a model's sweep stops at its first bad step.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class Step:
     failures: int
     ttft_p50_s: float
     ttft_p95_s: float
+    ttfat_p50_s: float  # time to first answer token (after any thinking); TTFT for a model that does not think
+    ttfat_p95_s: float
     tpot_p50_s: float
     tpot_p95_s: float
     output_tps: float
@@ -47,13 +50,14 @@ class Step:
 
 def locust_command(
     host: str, model: str, rate: float, duration: float, prefix: Path, *, arrival: str = "poisson",
-    slo_ttft: float = 0.0, slo_tpot: float = 0.0, extra: Sequence[str] = (),
+    slo_ttft: float = 0.0, slo_tpot: float = 0.0, slo_ttfat: float = 0.0, extra: Sequence[str] = (),
 ) -> list[str]:  # fmt: skip
     return [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host,
         "-u", "1", "-r", "1", "-t", f"{max(1, round(duration))}s", "--csv", str(prefix), "--only-summary",
         "--models", model, "--arrival", arrival, "--rate", str(rate),
-        "--slo-ttft", str(slo_ttft), "--slo-tpot", str(slo_tpot), "--summary-json", f"{prefix}_summary.json",
+        "--slo-ttft", str(slo_ttft), "--slo-ttfat", str(slo_ttfat), "--slo-tpot", str(slo_tpot),
+        "--summary-json", f"{prefix}_summary.json",
         "--loglevel", "WARNING", *extra,
     ]  # fmt: skip
 
@@ -67,10 +71,11 @@ def run_step(host: str, model: str, rate: float, duration: float, prefix: Path, 
     m = summary["models"].get(model, {})
     get = stats.get
     ttft, tpot, tokens, req, good = (get(f"{k} {model}") for k in ("TTFT", "TPOT", "tokens", "request", "goodput"))
+    ttfat = get(f"TTFAT {model}")
     completed = m.get("completed", 0)
     achieved = float(m.get("achieved_rps", 0.0))
     attainment = (good.count / completed) if good and completed else 0.0
-    slo_set = bool(kwargs.get("slo_ttft") or kwargs.get("slo_tpot"))
+    slo_set = bool(kwargs.get("slo_ttft") or kwargs.get("slo_tpot") or kwargs.get("slo_ttfat"))
     return Step(
         model=model,
         rate=rate,
@@ -80,6 +85,8 @@ def run_step(host: str, model: str, rate: float, duration: float, prefix: Path, 
         failures=req.failures if req else 0,
         ttft_p50_s=ttft.p50 / 1000 if ttft else 0.0,
         ttft_p95_s=ttft.p95 / 1000 if ttft else 0.0,
+        ttfat_p50_s=ttfat.p50 / 1000 if ttfat else 0.0,
+        ttfat_p95_s=ttfat.p95 / 1000 if ttfat else 0.0,
         tpot_p50_s=tpot.p50 / 1000 if tpot else 0.0,
         tpot_p95_s=tpot.p95 / 1000 if tpot else 0.0,
         output_tps=achieved * (tokens.mean_size if tokens else 0.0),
@@ -93,13 +100,15 @@ def run_step(host: str, model: str, rate: float, duration: float, prefix: Path, 
 
 def sweep(
     host: str, models: Sequence[str], rates: Sequence[float], duration: float, out: Path, *,
-    slo_ttft: float = 0.0, slo_tpot: float = 0.0, arrival: str = "poisson", extra: Sequence[str] = (),
+    slo_ttft: float = 0.0, slo_tpot: float = 0.0, slo_ttfat: float = 0.0, arrival: str = "poisson",
+    extra: Sequence[str] = (),
 ) -> dict[str, Any]:  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     cards = fetch_cards(host)
     result: dict[str, Any] = {
         "host": host, "rates": list(rates), "duration_s": duration, "arrival": arrival,
-        "slo": {"ttft_s": slo_ttft or None, "tpot_s": slo_tpot or None}, "models": {},
+        "slo": {"ttft_s": slo_ttft or None, "ttfat_s": slo_ttfat or None, "tpot_s": slo_tpot or None},
+        "models": {},
     }  # fmt: skip
     for model in models:
         steps: list[Step] = []
@@ -107,7 +116,7 @@ def sweep(
             prefix = out / "runs" / f"{model.replace('/', '_')}_{rate:g}"
             prefix.parent.mkdir(parents=True, exist_ok=True)
             step = run_step(host, model, rate, duration, prefix, arrival=arrival, slo_ttft=slo_ttft,
-                            slo_tpot=slo_tpot, extra=extra)  # fmt: skip
+                            slo_tpot=slo_tpot, slo_ttfat=slo_ttfat, extra=extra)  # fmt: skip
             if steps and steps[0].ttft_p95_s > 0 and step.ttft_p95_s > TTFT_GROWTH * steps[0].ttft_p95_s:
                 step.saturated = True
             steps.append(step)
