@@ -22,17 +22,22 @@ from tests.servers import ThreadServer, samples
 TTFT, ITL, THINK, ANSWER = 0.050, 0.010, 20, 8
 TTFAT = TTFT + THINK * ITL  # 250 ms
 TOLERANCE = 0.015  # the bound
-MODELS = {  # model: how its emulator shows the thinking
+MODELS: dict[str, dict[str, Any]] = {  # model: how its emulator shows the thinking
     "m-reasoning": {},
     "m-reasoning-content": {"reasoning_field": "reasoning_content"},
     "m-think": {"think_in_content": True},
 }
-OFF = {"chat_template_kwargs": {"enable_thinking": False}}
+OFF: dict[str, Any] = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
 @pytest.fixture(scope="module")
 def gateway() -> Iterator[str]:
-    timing = {"ttft_ms": TTFT * 1000, "itl_ms": ITL * 1000, "output_tokens": ANSWER, "reasoning_tokens": THINK}
+    timing: dict[str, Any] = {
+        "ttft_ms": TTFT * 1000,
+        "itl_ms": ITL * 1000,
+        "output_tokens": ANSWER,
+        "reasoning_tokens": THINK,
+    }
     emulators = {
         m: ThreadServer(create_emulator_app(EmulatorConfig(model=m, **timing, **extra))) for m, extra in MODELS.items()
     }
