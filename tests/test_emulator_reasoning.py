@@ -17,8 +17,10 @@ import openai
 import pytest
 
 from gateway import cli
+from gateway.config import ConfigError
 from gateway.devstack import stack
 from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
+from tests.conftest import card, settings_for
 from tests.servers import ThreadServer, samples
 
 MSG = [{"role": "user", "content": "Think about the weather, then say something"}]
@@ -355,5 +357,14 @@ def test_command_line_and_devstack_settings_reach_the_emulator() -> None:
     assert argv[-5:] == ["--reasoning-tokens", "20", "--reasoning-field", "reasoning", "--think-in-content"]
     off = stack.emulator_argv("m", 9, {"think_in_content": False})
     assert "--think-in-content" not in off
+    # a devstack config's emulator: section names them as the config file does
+    thinking = {"reasoning_tokens": 20, "reasoning_field": "reasoning_content", "think_in_content": True}
+    backend = {"name": "b", "base_url": "http://127.0.0.1:1", "models": ["m"], "emulator": thinking}
+    settings = settings_for([backend], [card("m", "qwen3", "Alibaba", "CN")])
+    argv = stack.backend_argv("emulated", settings.backends[0], 9, 0)
+    parsed = cli.build_parser().parse_args(argv[argv.index("emulate") :])
+    assert (parsed.reasoning_tokens, parsed.reasoning_field, parsed.think_in_content) == (20, "reasoning_content", True)
+    with pytest.raises(ConfigError, match="reasoning_field"):
+        settings_for([{**backend, "emulator": {"reasoning_field": "thoughts"}}], [card("m", "qwen3", "Alibaba", "CN")])
     with pytest.raises(ValueError, match="reasoning_tokens"):
         EmulatorConfig(model="m", reasoning_tokens=-1)
