@@ -266,6 +266,18 @@ def test_tool_calls_and_json_come_after_the_thinking(urls: dict[str, str]) -> No
     assert whole["reasoning"] and jsonschema.validate(json.loads(whole["content"]), SCHEMA) is None
 
 
+def test_without_a_parser_structured_output_leaves_no_room_to_think(urls: dict[str, str]) -> None:
+    """vLLM without a reasoning parser constrains a tool call's arguments or ``response_format`` JSON from the first
+    token: the model cannot open a ``<think>``."""
+    named = {"tools": TOOLS, "tool_choice": "required"}
+    got = deltas(events(urls["think"], named))
+    assert all("/".join(d) == "tool_calls" for d in got)
+    jsonschema.validate(json.loads("".join(d["tool_calls"][0]["function"]["arguments"] for d in got)), SCHEMA)
+    fmt = {"response_format": {"type": "json_object"}}
+    whole = post(urls["think"], fmt).json()
+    assert json.loads(whole["choices"][0]["message"]["content"]) and whole["usage"]["completion_tokens"] < 20
+
+
 def test_logprobs_cover_the_thinking_tokens_too(urls: dict[str, str]) -> None:
     chunks = events(urls["reasoning"], {"logprobs": True, "top_logprobs": 2})
     token_chunks = [c["choices"][0] for c in chunks if c["choices"]]

@@ -261,6 +261,8 @@ def _reasoning(body: dict[str, Any], plan: Plan, cfg: EmulatorConfig) -> None:
     count = 0 if thinking is False else cfg.reasoning_tokens
     if plan.parser and budget is not None and budget >= 0:
         count = min(count, budget)
+    if not plan.parser and (plan.tool or plan.schema is not None):
+        count = 0  # without a reasoning parser vLLM constrains the output from its first token: no room to think
     plan.reasoning = count
     plan.think_tags = cfg.think_in_content and count > 0
     if not plan.show_reasoning:
