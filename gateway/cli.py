@@ -63,6 +63,24 @@ def _emulate_parser(sub: Any) -> None:
         action="store_true",
         help="serve GET /tokenizer_info (off by default, as in vLLM)",
     )
+    p.add_argument(
+        "--reasoning-tokens",
+        type=int,
+        default=0,
+        metavar="N",
+        help="chat answers think first: N reasoning tokens, one per chunk at the ITL, counted against max_tokens",
+    )
+    p.add_argument(
+        "--reasoning-field",
+        choices=["reasoning", "reasoning_content"],
+        default="reasoning",
+        help="the delta/message field of the thinking (vLLM 0.32: reasoning; older servers: reasoning_content)",
+    )
+    p.add_argument(
+        "--think-in-content",
+        action="store_true",
+        help="emulate a server without a reasoning parser: the thinking in the content, between <think> tags",
+    )
 
 
 def _up_parser(sub: Any) -> None:
@@ -221,26 +239,29 @@ def emulate(args: argparse.Namespace) -> int:
 
     from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
 
-    config = EmulatorConfig(
-        model=args.model,
-        ttft_ms=args.ttft_ms,
-        itl_ms=args.itl_ms,
-        output_tokens=args.output_tokens,
-        jitter=args.jitter,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        max_model_len=args.max_model_len,
-        fail_rate=args.fail_rate,
-        stream_error_rate=args.stream_error_rate,
-        drop_rate=args.drop_rate,
-        tokenizer=args.tokenizer,
-        tokenizer_info=args.enable_tokenizer_info_endpoint,
-    )
     print(
         f"vLLM EMULATOR (not a model) answering as {args.model!r} on http://{args.host}:{args.port}",
         flush=True,
     )
     try:
+        config = EmulatorConfig(
+            model=args.model,
+            ttft_ms=args.ttft_ms,
+            itl_ms=args.itl_ms,
+            output_tokens=args.output_tokens,
+            jitter=args.jitter,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            max_model_len=args.max_model_len,
+            fail_rate=args.fail_rate,
+            stream_error_rate=args.stream_error_rate,
+            drop_rate=args.drop_rate,
+            tokenizer=args.tokenizer,
+            tokenizer_info=args.enable_tokenizer_info_endpoint,
+            reasoning_tokens=args.reasoning_tokens,
+            reasoning_field=args.reasoning_field,
+            think_in_content=args.think_in_content,
+        )
         app = create_emulator_app(config)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

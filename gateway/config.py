@@ -88,6 +88,13 @@ class EmulatorSpec(Strict):
     output_tokens: Annotated[int, Field(ge=1)] = 64
     jitter: Annotated[float, Field(ge=0, le=1)] = 0.0
     batch_size: Annotated[int, Field(ge=1)] = 64
+    reasoning_tokens: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="reasoning tokens streamed before each chat answer (0: the model does not think)"
+    )
+    reasoning_field: Literal["reasoning", "reasoning_content"] = "reasoning"
+    think_in_content: bool = Field(
+        default=False, description="no reasoning parser: the thinking in the content, between <think> tags"
+    )
 
 
 class VllmCpuSpec(Strict):

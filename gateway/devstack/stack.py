@@ -60,7 +60,11 @@ def say(text: str = "") -> None:
 def emulator_argv(model: str, port: int, spec: dict[str, Any]) -> list[str]:
     argv = [python(), "-m", "gateway", "emulate", "--model", model, "--port", str(port)]
     for key, value in spec.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
+        flag = f"--{key.replace('_', '-')}"
+        if isinstance(value, bool):  # a switch: named when on
+            argv += [flag] if value else []
+        else:
+            argv += [flag, str(value)]
     return argv
 
 

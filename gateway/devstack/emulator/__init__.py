@@ -13,6 +13,10 @@ reason on each choice's last token chunk, the usage-only chunk (``"choices": []`
 code}}``; ``/tokenize``, ``/detokenize`` and (with ``tokenizer_info``) ``/tokenizer_info``; ``/metrics`` with vLLM's
 own metric names.
 
+Thinking (``--reasoning-tokens N``, chat only): N reasoning chunks before each answer, in vLLM's ``reasoning`` (or
+``reasoning_content``) delta field as with a reasoning parser, or inside the content between ``<think>`` tags as
+without one (``generate`` and ``render`` tell the shapes).
+
 Timing: TTFT and ITL are scheduled against the request's start (no drift), scaled by a simple load model
 (``running / batch_size`` once more requests run than fit in a batch), with optional seeded jitter.
 

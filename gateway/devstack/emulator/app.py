@@ -172,9 +172,11 @@ class Emulator:
                 for c, own in zip(choices, chunks, strict=True):
                     if k < len(own):
                         last = k == len(own) - 1
-                        out.append(head + '"choices":[' + own[k] + (end if last else "]}\n\n"))
+                        if own[k]:  # empty: a hidden reasoning token (include_reasoning false)
+                            out.append(head + '"choices":[' + own[k] + (end if last else "]}\n\n"))
                         sent += (1 if k < len(c.ids) else 0) + (c.hidden if last else 0)
-                yield "".join(out).encode()
+                if out:
+                    yield "".join(out).encode()
             if p.include_usage:
                 usage = json.dumps(render.usage(p, choices), separators=(",", ":"))
                 yield (head + '"choices":[],"usage":' + usage + fingerprint + "}\n\n").encode()

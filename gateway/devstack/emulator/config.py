@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 EMULATOR = "vllm-emulator"
 MAX_LOGPROBS = 20  # vLLM's --max-logprobs default
@@ -26,3 +27,21 @@ class EmulatorConfig:
     drop_rate: float = 0.0  # fraction of streams cut off half-way, without [DONE]
     tokenizer: str | None = None  # a Hugging Face tokenizer directory (tokenizer.json); None: tokens are words
     tokenizer_info: bool = False  # serve GET /tokenizer_info, as vLLM does with --enable-tokenizer-info-endpoint
+    # Thinking (chat only): this many reasoning tokens before each answer. By default as vLLM started with a
+    # --reasoning-parser streams them (in ``reasoning_field``, counted in completion_tokens_details); with
+    # ``think_in_content`` as a server without a parser does: inside the content, between <think> tags.
+    reasoning_tokens: int = 0
+    reasoning_field: Literal["reasoning", "reasoning_content"] = "reasoning"  # vLLM 0.32's name; older: _content
+    think_in_content: bool = False
+
+    def __post_init__(self) -> None:
+        if self.reasoning_tokens < 0:
+            raise ValueError(f"reasoning_tokens must be at least 0, got {self.reasoning_tokens}")
+        if self.reasoning_field not in ("reasoning", "reasoning_content"):
+            raise ValueError(f"reasoning_field must be reasoning or reasoning_content, got {self.reasoning_field!r}")
+
+    @property
+    def reasoning_parser(self) -> bool:
+        """Whether the emulated server runs a reasoning parser (vLLM's --reasoning-parser): reasoning in its own
+        field, and ``completion_tokens_details`` in every chat usage."""
+        return self.reasoning_tokens > 0 and not self.think_in_content

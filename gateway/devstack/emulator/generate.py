@@ -6,6 +6,14 @@ Text is filler words (``output_tokens`` of them unless ``max_tokens`` is smaller
 cut short would be). Stop strings and stop token ids end a choice as in vLLM: the text stops before the stop string
 (or after it with ``include_stop_str_in_output``), ``finish_reason`` is ``"stop"`` and ``stop_reason`` the string or
 id; the token that completed it is counted. Every choice is seeded by ``seed`` and its index, so it is reproducible.
+
+Thinking (chat with ``--reasoning-tokens N``): the choice starts with N reasoning tokens of filler, then the answer.
+They count against ``max_tokens``: the answer gets what is left (at most ``output_tokens``), none at all when the
+thinking used it up (``finish_reason: "length"``). Stop strings and stop ids apply to the whole output, thinking
+included, as in vLLM. With ``--think-in-content`` the tags are part of the token texts: ``<think>`` opens the first
+reasoning token, ``</think>`` closes the last one and the answer's first token starts with a blank line
+(``"\n\n"``), so a client reading the content sees ``<think>...</think>\n\nanswer``; a thinking cut short by
+``max_tokens`` stays open, as a real model's would. The tags are not tokens of their own.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ from gateway.devstack.emulator.params import Plan
 from gateway.devstack.emulator.tokens import TokenModel
 from gateway.devstack.emulator.tools import value_for
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
 
 @dataclass(slots=True)
 class Choice:
@@ -32,6 +42,12 @@ class Choice:
     steps: list[logprobs.Step] | None = None
     tool_id: str | None = None
     hidden: int = 0  # tokens vLLM generates without showing them (one, for echo with max_tokens 0)
+    reasoning: int = 0  # how many of ``ids``, from the start, are thinking
+
+    @property
+    def answered(self) -> bool:
+        """Whether any answer token follows the thinking."""
+        return len(self.ids) > self.reasoning
 
     @property
     def tokens(self) -> int:
@@ -59,8 +75,19 @@ def _stop(choice: Choice, plan: Plan) -> None:
             return
 
 
-def _ids(plan: Plan, cfg: EmulatorConfig, tokens: TokenModel, rng: random.Random) -> tuple[list[int], str]:
-    limit = plan.max_tokens
+def _filler(count: int, tokens: TokenModel, rng: random.Random) -> list[int]:
+    ids: list[int] = []
+    while len(ids) < count:
+        ids.extend(rng.choice(tokens.words))
+    return ids[:count]
+
+
+def _ids(
+    plan: Plan, cfg: EmulatorConfig, tokens: TokenModel, rng: random.Random, limit: int | None
+) -> tuple[list[int], str]:
+    """The answer's ids and finish reason, ``limit`` tokens at most (``max_tokens`` less the thinking)."""
+    if limit == 0:
+        return [], "length"
     schema = plan.tool[1] if plan.tool else plan.schema
     if schema is not None:
         ids = tokens.encode(json.dumps(value_for(schema, rng)))
@@ -68,10 +95,21 @@ def _ids(plan: Plan, cfg: EmulatorConfig, tokens: TokenModel, rng: random.Random
             return ids[:limit], "length"
         return ids, "tool_calls" if plan.tool_required else "stop"
     count = limit if limit is not None and plan.ignore_eos else min(cfg.output_tokens, limit or cfg.output_tokens)
-    ids = []
-    while len(ids) < count:
-        ids.extend(rng.choice(tokens.words))
-    return ids[:count], "length" if limit is not None and count >= limit else "stop"
+    return _filler(count, tokens, rng), "length" if limit is not None and count >= limit else "stop"
+
+
+def _think(choice: Choice, thought: list[int], plan: Plan, tokens: TokenModel) -> None:
+    """Put the thinking before the answer (with ``<think>`` tags in the texts when there is no parser)."""
+    answered = bool(choice.ids)
+    choice.ids = [*thought, *choice.ids]
+    choice.pieces = [*(tokens.piece(i) for i in thought), *choice.pieces]
+    choice.reasoning = len(thought)
+    if plan.think_tags and thought:
+        r = len(thought)
+        choice.pieces[0] = THINK_OPEN + choice.pieces[0]
+        if answered:
+            choice.pieces[r - 1] += THINK_CLOSE
+            choice.pieces[r] = "\n\n" + choice.pieces[r]
 
 
 def choices(plan: Plan, cfg: EmulatorConfig, tokens: TokenModel, rng: random.Random) -> list[Choice]:
@@ -84,10 +122,16 @@ def choices(plan: Plan, cfg: EmulatorConfig, tokens: TokenModel, rng: random.Ran
             if not plan.chat and plan.echo and plan.max_tokens == 0:
                 out.append(Choice(index, p, [], [], "length", hidden=1))
                 continue
-            ids, finish = _ids(plan, cfg, tokens, own)
+            limit = plan.max_tokens
+            thinking = plan.reasoning if limit is None else min(plan.reasoning, limit)
+            # the answer is drawn first, so thinking does not change what a seeded choice answers
+            ids, finish = _ids(plan, cfg, tokens, own, None if limit is None else limit - thinking)
             choice = Choice(index, p, ids, [tokens.piece(i) for i in ids], finish)
+            if thinking:
+                _think(choice, _filler(thinking, tokens, own), plan, tokens)
             if plan.stop or plan.stop_ids:
                 _stop(choice, plan)
+                choice.reasoning = min(choice.reasoning, len(choice.ids))
             if plan.logprobs is not None:
                 choice.steps = logprobs.steps(choice.ids, width, own, tokens.filler)
             if plan.tool:

@@ -5,7 +5,11 @@ Honoured (changes the answer as in vLLM): ``model`` (absent means the served mod
 a list of token ids, or a list of token-id lists), ``n``, ``max_tokens``, ``max_completion_tokens``, ``stream``,
 ``stream_options.include_usage``, ``stop``, ``stop_token_ids``, ``include_stop_str_in_output``, ``ignore_eos``,
 ``seed``, ``logprobs``, ``top_logprobs``, ``prompt_logprobs``, ``echo``, ``tools``, ``tool_choice``,
-``response_format`` (``text``, ``json_object``, ``json_schema``) and ``request_id`` (the response id).
+``response_format`` (``text``, ``json_object``, ``json_schema``) and ``request_id`` (the response id). When the
+emulator thinks (``--reasoning-tokens``), chat also honours ``chat_template_kwargs.enable_thinking: false`` and
+``reasoning_effort: "none"`` (no thinking, as Qwen3's template), and with an emulated reasoning parser
+``include_reasoning: false`` (no reasoning deltas, no logprobs, as vLLM hides them) and ``thinking_token_budget``
+(at most that many reasoning tokens); otherwise these four are no-ops, and always on completions, which never think.
 
 No-ops (sampling or scheduling knobs that do not change the answer's shape; their values are still checked as
 vLLM checks them where it does): see ``NO_OPS``.
@@ -32,6 +36,7 @@ HONOURED = frozenset(
     "logprobs prompt_logprobs echo response_format request_id".split()
 )
 CHAT_HONOURED = frozenset("messages max_completion_tokens top_logprobs tools tool_choice".split())
+REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 NO_OPS = frozenset(
     "temperature top_p top_k min_p presence_penalty frequency_penalty repetition_penalty logit_bias user min_tokens "
     "skip_special_tokens spaces_between_special_tokens add_special_tokens length_penalty priority cache_salt "
@@ -86,6 +91,12 @@ class Plan:
     seed: int | None = None
     request_id: str | None = None
     ignored: list[str] = field(default_factory=list)
+    # Thinking (chat only): reasoning tokens before the answer, counted against max_tokens (0: no thinking).
+    reasoning: int = 0
+    parser: bool = False  # an emulated reasoning parser: reasoning in its own field, usage's reasoning_tokens
+    reasoning_field: str = "reasoning"
+    show_reasoning: bool = True  # include_reasoning (false hides reasoning deltas and logprobs, as vLLM)
+    think_tags: bool = False  # no parser: the thinking goes in the content, between <think> tags
 
     @property
     def prompt_tokens(self) -> int:
@@ -219,6 +230,45 @@ def _tools(body: dict[str, Any], plan: Plan, rng: random.Random) -> None:
     # calls no tool); vLLM without that flag refuses "auto" instead.
 
 
+def _reasoning(body: dict[str, Any], plan: Plan, cfg: EmulatorConfig) -> None:
+    """How long this chat request thinks: ``cfg.reasoning_tokens``, unless the request turns thinking off
+    (``enable_thinking: false``, or ``reasoning_effort: "none"`` without it, as vLLM passes it to the template) or
+    caps it (``thinking_token_budget``, which vLLM honours only with a reasoning parser)."""
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise invalid_type("chat_template_kwargs", "dict_type", "Input should be a valid dictionary", kwargs)
+    effort = body.get("reasoning_effort")
+    if effort is not None and effort not in REASONING_EFFORTS:
+        allowed = ", ".join(f"'{e}'" for e in REASONING_EFFORTS[:-1]) + f" or '{REASONING_EFFORTS[-1]}'"
+        raise invalid_type("reasoning_effort", "literal_error", f"Input should be {allowed}", effort)
+    include = body.get("include_reasoning")
+    if include is not None and not isinstance(include, bool):
+        raise invalid_type("include_reasoning", "bool_type", "Input should be a valid boolean", include)
+    budget = body.get("thinking_token_budget")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < -1):
+        raise invalid_type(
+            "thinking_token_budget",
+            "value_error",
+            "Value error, `thinking_token_budget` must be a non-negative integer or -1 for unlimited.",
+            budget,
+        )
+    thinking = (kwargs or {}).get("enable_thinking")
+    if thinking is None and effort is not None:
+        thinking = effort != "none"
+    plan.parser = cfg.reasoning_parser
+    plan.reasoning_field = cfg.reasoning_field
+    plan.show_reasoning = include is not False or not plan.parser
+    count = 0 if thinking is False else cfg.reasoning_tokens
+    if plan.parser and budget is not None and budget >= 0:
+        count = min(count, budget)
+    if not plan.parser and (plan.tool or plan.schema is not None):
+        count = 0  # without a reasoning parser vLLM constrains the output from its first token: no room to think
+    plan.reasoning = count
+    plan.think_tags = cfg.think_in_content and count > 0
+    if not plan.show_reasoning:
+        plan.logprobs = None
+
+
 def _response_format(body: dict[str, Any]) -> dict[str, Any] | None:
     fmt = body.get("response_format")
     if fmt is None:
@@ -325,6 +375,7 @@ def plan(body: Any, chat: bool, cfg: EmulatorConfig, tokens: TokenModel, rng: ra
     p.stop = _stop(body)
     if chat:
         _tools(body, p, rng)
+        _reasoning(body, p, cfg)
     p.echo = bool(body.get("echo"))
     model = body.get("model")
     if model is not None and model != cfg.model:

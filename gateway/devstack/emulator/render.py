@@ -3,6 +3,11 @@
 Chunks are built by string concatenation rather than ``json.dumps`` of a dict: the emulator is the fast backend of
 load tests, and a token chunk is its hot path (JSON-encoding the token text is the only per-chunk encoding done for
 a plain stream). The field order and presence follow vLLM's ``model_dump_json(exclude_unset=True)``.
+
+Thinking, with an emulated reasoning parser: each reasoning token is a chunk whose delta is ``{"reasoning": text}``
+(or ``reasoning_content``), the message carries the whole thinking in that field and ``content`` is ``null`` when
+no answer followed; every chat usage has ``completion_tokens_details.reasoning_tokens``, as vLLM's has whenever it
+runs a parser. Without one (``--think-in-content``) the thinking is ordinary content (tags in it, see ``generate``).
 """
 
 from __future__ import annotations
@@ -22,14 +27,18 @@ def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def usage(plan: Plan, choices: list[Choice]) -> dict[str, int]:
-    """vLLM counts each prompt once (``n`` does not multiply it) and sums completion tokens over the choices."""
+def usage(plan: Plan, choices: list[Choice]) -> dict[str, Any]:
+    """vLLM counts each prompt once (``n`` does not multiply it) and sums completion tokens over the choices,
+    thinking included; with a reasoning parser it details the thinking's share (0 when the request did not think)."""
     completion = sum(c.tokens for c in choices)
-    return {
+    out: dict[str, Any] = {
         "prompt_tokens": plan.prompt_tokens,
         "total_tokens": plan.prompt_tokens + completion,
         "completion_tokens": completion,
     }
+    if plan.parser:
+        out["completion_tokens_details"] = {"reasoning_tokens": sum(c.reasoning for c in choices)}
+    return out
 
 
 def _tool_call(choice: Choice, plan: Plan, arguments: str) -> dict[str, Any]:
@@ -53,12 +62,18 @@ def body(plan: Plan, choices: list[Choice], tokens: TokenModel, prompts: Prompts
     for c in choices:
         text = "".join(c.pieces)
         if plan.chat:
-            message: dict[str, Any] = {"role": "assistant", "content": plan.echo_text + text}
+            thought = None
+            if plan.parser:
+                thought = "".join(c.pieces[: c.reasoning]) if c.reasoning and plan.show_reasoning else None
+                text = "".join(c.pieces[c.reasoning :])
+            content = None if plan.parser and not c.answered and not plan.echo else plan.echo_text + text
+            message: dict[str, Any] = {"role": "assistant", "content": content}
             message.update(refusal=None, annotations=None, audio=None, function_call=None)
             if plan.tool:
                 message["content"] = plan.echo_text
-                message["tool_calls"] = [_tool_call(c, plan, text)]
-            message["reasoning"] = None
+                if c.answered:
+                    message["tool_calls"] = [_tool_call(c, plan, text)]
+            message[plan.reasoning_field if plan.parser else "reasoning"] = thought
             lp = None if c.steps is None else {"content": logprobs.chat_entries(tokens, c.steps, plan.logprobs or 0)}
             out.append(
                 {"index": c.index, "message": message, "logprobs": lp, "finish_reason": c.finish}
@@ -96,9 +111,14 @@ def stream(plan: Plan, c: Choice, tokens: TokenModel, prompts: Prompts) -> list[
             taken = [*(prompts[c.prompt] if prompts else []), *taken]
         finish = f'"{c.finish}",' + '"stop_reason":' + _json(c.stop_reason) if last else "null"
         if plan.chat:
-            if plan.tool:
+            if k < c.reasoning and plan.parser:
+                if not plan.show_reasoning and not last:
+                    out.append("")  # vLLM sends no chunk for a hidden reasoning token (the step still takes its time)
+                    continue
+                delta = "{}" if not plan.show_reasoning else f'{{"{plan.reasoning_field}":{_json(text)}}}'
+            elif plan.tool:
                 call = {"index": 0, "function": {"arguments": text}}
-                if k == 0:
+                if k == c.reasoning:
                     call = {"id": c.tool_id, "type": "function", "index": 0}
                     call["function"] = {"name": plan.tool[0], "arguments": text}
                 delta = _json({"tool_calls": [call]})
