@@ -203,3 +203,31 @@ def test_sweep_writes_reports(gateway: str, tmp_path: Path) -> None:
         assert (tmp_path / name).stat().st_size > 200
     assert "<svg" in (tmp_path / "report.html").read_text()
     assert MODELS[1] in (tmp_path / "report.md").read_text()
+
+
+def test_a_thinking_model_gets_ttfat_beside_ttft_and_an_slo_on_it(tmp_path: Path) -> None:
+    """#15 item 5: against an emulator that thinks 20 tokens (TTFT 50 ms, ITL 10 ms), locust's TTFAT is about
+    250 ms while its TTFT stays about 50 ms; ``--slo-ttfat 0.2`` fails every call's goodput (``--slo-ttft 0.2``
+    alone passes them); with ``max_tokens`` 10 the thinking uses the whole budget: every call an empty answer."""
+    model = "emu/thinker"
+    cfg = EmulatorConfig(model=model, ttft_ms=50, itl_ms=10, output_tokens=8, reasoning_tokens=20)
+    with ThreadServer(create_emulator_app(cfg)) as emu:
+        settings = settings_for([{"name": "thinker", "base_url": emu.url, "models": [model]}],
+                                [card(model, "qwen3", "Alibaba", "CN", aliases=[])])  # fmt: skip
+        with ThreadServer(create_app(settings)) as gw:
+            runs = {}
+            for name, extra in (("ttft", ["--slo-ttft", "0.2"]), ("ttfat", ["--slo-ttfat", "0.2"]),
+                                ("short", ["--max-tokens", "10"])):  # fmt: skip
+                proc = _locust("--host", gw.url, "-u", "1", "-r", "1", "-t", "3s", "--csv", str(tmp_path / name),
+                               "--models", model, *extra)  # fmt: skip
+                assert proc.returncode == 0, proc.stderr[-2000:]
+                runs[name] = read_stats(tmp_path / name)
+    stats = runs["ttft"]
+    requests, ttft, ttfat = (stats[f"{k} {model}"] for k in ("request", "TTFT", "TTFAT"))
+    assert requests.count >= 3 and ttft.count == ttfat.count == requests.count
+    assert 50 <= ttft.p50 <= 50 + 40 and 250 <= ttfat.p50 <= 250 + 60
+    assert stats[f"goodput {model}"].count == requests.count
+    assert f"goodput {model}" not in runs["ttfat"]  # no call met a 200 ms TTFAT SLO
+    short = runs["short"]
+    assert short[f"empty answer {model}"].count == short[f"request {model}"].count >= 3
+    assert f"TTFAT {model}" not in short

@@ -186,15 +186,20 @@ def rule_problems(base: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def observed(tmp_path: Path, ttft_ms: float = 20, itl_ms: float = 2, tokens: int = 8) -> Iterator[tuple[str, str]]:
-    """Three emulated models (jitter-free: each first token ``ttft_ms`` and each gap ``itl_ms`` after the request),
+def observed(
+    tmp_path: Path, ttft_ms: float = 20, itl_ms: float = 2, tokens: int = 8, thinking: int = 0
+) -> Iterator[tuple[str, str]]:
+    """Three emulated models (jitter-free: each first token ``ttft_ms`` and each gap ``itl_ms`` after the request;
+    the first thinks ``thinking`` tokens before its answer),
     a gateway in front, and a real Prometheus scraping all four with the project's rules: (the gateway's URL,
     Prometheus' URL)."""
     servers: list[ThreadServer] = []
     try:
         vllm: dict[str, str] = {}
         for model, *_, backend in MODELS:
-            cfg = EmulatorConfig(model=model, ttft_ms=ttft_ms, itl_ms=itl_ms, output_tokens=tokens)
+            think = thinking if model == MODELS[0][0] else 0  # the first model (Qwen3's place) thinks, if asked
+            cfg = EmulatorConfig(model=model, ttft_ms=ttft_ms, itl_ms=itl_ms, output_tokens=tokens,
+                                 reasoning_tokens=think)  # fmt: skip
             servers.append(ThreadServer(create_emulator_app(cfg)).__enter__())
             vllm[backend] = f"127.0.0.1:{servers[-1].port}"
         settings = settings_for(
@@ -300,3 +305,46 @@ def test_percentiles_read_from_prometheus_are_within_ten_percent_of_the_truth(tm
         # The gateway's exact mean includes its own and the machine's delays (the gaps' mean stays 20 ms: each
         # token is scheduled against the request's start); the median read from the buckets agrees with it.
         assert abs(p50 - mean) / mean <= 0.10, (name, p50, mean)
+
+
+def test_reasoning_rules_show_a_thinking_model_apart(tmp_path: Path) -> None:
+    """#15 item 2 on a real Prometheus: the thinking model (20 reasoning tokens before 8 answer tokens) has a
+    reasoning share of 20/28, a first answer token later than its first token, and half its calls empty when half
+    have max_tokens 10; the others read 0 reasoning and 0 empty answers, by model and by origin."""
+    thinker = MODELS[0][0]
+    with observed(tmp_path, ttft_ms=20, itl_ms=5, tokens=8, thinking=20) as (gw, prom):
+        with httpx.Client(base_url=f"{gw}/v1", timeout=30) as client:
+            for model, *_ in MODELS:
+                for max_tokens in (64, 10, 64, 10):
+                    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                            "max_tokens": max_tokens}  # fmt: skip
+                    with client.stream("POST", "/chat/completions", json=body) as r:
+                        assert r.status_code == 200 and "[DONE]" in r.read().decode()
+
+        def by(query: str, label: str) -> dict[str, float]:
+            result = httpx.get(f"{prom}/api/v1/query", params={"query": query}).json()["data"]["result"]
+            return {s["metric"].get(label, ""): float(s["value"][1]) for s in result}
+
+        deadline = time.monotonic() + SETTLE_S
+        while by('sum(gateway_requests_total{status="200"})', "").get("") != 12:  # every call scraped
+            assert time.monotonic() < deadline, "Prometheus never scraped all 12 calls"
+            time.sleep(0.5)
+        time.sleep(3)  # and the rules evaluated (every 1 s) over the complete data
+        while True:
+            share = by("model:gateway_reasoning_tokens:share_rate5m", "model")
+            empty = by("model:gateway_empty_answers:ratio_rate5m", "model")
+            ttft = by("model:gateway_time_to_first_token_seconds:p50_5m", "model")
+            ttfat = by("model:gateway_time_to_first_answer_token_seconds:p50_5m", "model")
+            origin = by("origin:gateway_reasoning_tokens:share_rate5m", "origin")
+            ready = share.get(thinker, 0) > 0 and empty.get(thinker, 0) > 0 and len(share) == 3 and len(origin) == 2
+            if ready or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+    # the thinker: 2 answered calls (20 reasoning + 8 answer) and 2 cut at 10 (all reasoning): 60 / 76
+    assert share[thinker] == pytest.approx(60 / 76, rel=0.01), share
+    assert empty[thinker] == pytest.approx(0.5, rel=0.01), empty
+    assert ttfat[thinker] > ttft[thinker] + 0.05  # 20 reasoning tokens of 5 ms after the first
+    for model, *_ in MODELS[1:]:
+        assert share[model] == 0 and empty[model] == 0, (share, empty)
+    # by origin: CN pools the thinker with a model that does not think (same tokens, 16 answer tokens more)
+    assert origin["CN"] == pytest.approx(60 / (76 + 32), rel=0.01) and origin["US"] == 0, origin

@@ -44,6 +44,7 @@ FAST = EmulatorConfig(model="emu/qwen3", ttft_ms=60, itl_ms=10, output_tokens=24
 SLOW = EmulatorConfig(model="emu/llama", ttft_ms=300, itl_ms=10, output_tokens=400)  # long enough to Stop
 BROKEN = EmulatorConfig(model="emu/deepseek", ttft_ms=60, itl_ms=10, output_tokens=24, drop_rate=1.0)
 HOSTILE = '<script>window.__xss=1</script><img src=x onerror="window.__xss=2"><b>bold?</b>'
+THOUGHT = '<i>hmm</i> <img src=x onerror="window.__xss=3">'
 MODELS = ["emu/qwen3", "emu/llama", "emu/deepseek", "fake/html"]
 
 
@@ -66,6 +67,8 @@ def _hostile_stream() -> list[bytes]:
     }
     return [
         chunk({"role": "assistant", "content": ""}),
+        chunk({"reasoning": THOUGHT[:9]}),  # a thinking model's reasoning (vLLM 0.32's field), hostile too
+        chunk({"reasoning": THOUGHT[9:]}),
         chunk({"content": HOSTILE[:20]}),  # split inside the tag: textContent must not care
         chunk({"content": HOSTILE[20:]}),
         chunk({"content": " ok"}, "stop"),
@@ -256,6 +259,19 @@ def test_compare_streams_side_by_side(driver: WebDriver, gateway_url: str, tmp_p
     fake = col(driver, "fake/html").find_element(By.CLASS_NAME, "answer")
     assert fake.text == HOSTILE + " ok"
     assert fake.find_elements(By.CSS_SELECTOR, "*") == []
+    # its reasoning is kept apart from the answer, collapsed: shown only once opened
+    thinking = col(driver, "fake/html").find_element(By.CSS_SELECTOR, "details.thinking")
+    assert thinking.is_displayed() and thinking.get_attribute("open") is None
+    assert thinking.find_element(By.TAG_NAME, "summary").text == f"reasoning ({len(THOUGHT)} chars)"
+    thought = thinking.find_element(By.CLASS_NAME, "thought")
+    assert not thought.is_displayed()
+    thinking.find_element(By.TAG_NAME, "summary").click()
+    assert thought.is_displayed() and thought.text == THOUGHT and thought.find_elements(By.CSS_SELECTOR, "*") == []
+    ttfat = {m: float(col(driver, m).find_element(By.CLASS_NAME, "ttfat").get_attribute("data-ms") or "nan")
+             for m in ("emu/qwen3", "fake/html")}  # fmt: skip
+    fake_ttft = float(col(driver, "fake/html").find_element(By.CLASS_NAME, "ttft").get_attribute("data-ms") or "nan")
+    assert ttfat["fake/html"] > fake_ttft and ttfat["emu/qwen3"] == ttft["emu/qwen3"]  # the answer after the thinking
+    assert not col(driver, "emu/qwen3").find_element(By.CSS_SELECTOR, "details.thinking").is_displayed()
     assert driver.execute_script("return window.__xss") is None
 
     shot = tmp_path / "ui.png"
@@ -281,6 +297,9 @@ def test_compare_streams_side_by_side(driver: WebDriver, gateway_url: str, tmp_p
     assert stored["emu/llama"].find_element(By.CSS_SELECTOR, ".badge.origin").text == "US"
     assert stored["emu/deepseek"].find_element(By.CLASS_NAME, "error").text
     assert stored["fake/html"].find_element(By.CLASS_NAME, "answer").find_elements(By.CSS_SELECTOR, "*") == []
+    stored_thought = stored["fake/html"].find_element(By.CSS_SELECTOR, "details.thinking")
+    assert stored_thought.is_displayed() and stored_thought.get_attribute("open") is None
+    assert stored_thought.find_element(By.CLASS_NAME, "thought").get_attribute("textContent") == THOUGHT
     assert driver.execute_script("return window.__xss") is None
 
 
