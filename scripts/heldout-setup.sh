@@ -4,7 +4,8 @@
 #   guidellm   GuideLLM (needs torch: the CPU build is installed first, else pip would pull a CUDA one)
 #   aiperf     NVIDIA's AIPerf
 #   langchain  langchain-openai (ChatOpenAI's with_structured_output and bind_tools)
-#   lm-eval    EleutherAI's lm-evaluation-harness (needs torch, as GuideLLM)
+#   lm-eval    EleutherAI's lm-evaluation-harness with its API extra and transformers for the tokenizer (its
+#              local-completions model needs no torch)
 #
 # Usage: scripts/heldout-setup.sh [CLIENT...]      (default: all four)
 #
@@ -19,7 +20,7 @@ declare -A PINS=(
   [guidellm]="$TORCH guidellm==0.8.1"
   [aiperf]="aiperf==0.13.0"
   [langchain]="langchain-openai==1.7.4 langchain-core==1.8.1"
-  [lm-eval]="$TORCH lm-eval==0.4.13"
+  [lm-eval]="lm-eval[api]==0.4.13 transformers==5.24.0"
 )
 STAMP_VERSION=1 # bump when the steps below change
 
