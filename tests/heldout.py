@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -101,25 +102,32 @@ def client_env(tmp_path: Path) -> dict[str, str]:
 
 
 def run_client(argv: list[str], tmp_path: Path, timeout: float = 300) -> str:
-    """Run a client to its end in ``tmp_path``; its output, or a failure showing the end of it."""
+    """Run a client to its end in ``tmp_path``, in a process group of its own that is killed afterwards (AIPerf
+    runs a process per service); its output, or a failure showing the end of it."""
+    proc = subprocess.Popen(
+        argv,
+        cwd=tmp_path,
+        env=client_env(tmp_path),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
-        done = subprocess.run(
-            argv,
-            cwd=tmp_path,
-            env=client_env(tmp_path),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            timeout=timeout,
-            start_new_session=True,
-        )
-    except subprocess.TimeoutExpired as timeout_error:
-        pytest.fail(f"{Path(argv[0]).name} did not finish in {timeout} s")
-        raise timeout_error  # pytest.fail raises; this line is for the type checker
-    if done.returncode != 0:
-        pytest.fail(f"{' '.join(argv)} exited with {done.returncode}:\n{done.stdout[-4000:]}")
-    return done.stdout
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output = f"(killed after {timeout} s)\n" + proc.communicate()[0]
+    finally:
+        # the group outlives its leader while any member does, so its id is not reused: this kills only the client's
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(argv)} exited with {proc.returncode}:\n{output[-4000:]}")
+    return output
 
 
 @dataclass(frozen=True)
