@@ -11,7 +11,8 @@ scorer          correct when
 ``number``      the answer's first number (or, when the answer ends with one, its last: "... so the answer is 42")
                 is within ``tolerance`` (absolute, default 1e-6) of ``expected``; "1,234", a minus sign, "2.5e3" and
                 full-width digits read as numbers
-``choice``      the answer's choice letter (A-E: "B", "(B)", "B.", "Answer: B", "选B") is ``expected``
+``choice``      the answer's choice letter (A-E, a capital: "B", "(B)", "**B**", "B。", "Answer: B", "选B", "我选择B")
+                is ``expected``
 ``json_schema`` the answer (or the JSON object inside a fenced code block) parses and validates against
                 ``schema``; with ``expected`` too, the parsed value must also equal it
 ``tool_call``   the first tool call names a tool from ``tools`` and its arguments parse and validate against that
@@ -170,10 +171,11 @@ def _first_number(text: str) -> float | None:
     return found[0] if found else None
 
 
+# A capital letter only: "the answer is a..." names no choice. NFKC leaves "。" and "、" as they are.
 _CHOICE_PATTERNS = (
-    re.compile(r"^\s*\(?([A-E])\)?(?:[.:)\s]|$)"),  # "B", "(B)", "B.", "B) because"
-    re.compile(r"(?:answer|choice|option)\s*(?:is|:)?\s*\(?([A-E])\)?\b", re.I),  # "The answer is (B)"
-    re.compile(r"(?:选|答案[是为:]?\s*)\s*\(?([A-E])\)?"),  # "选B", "答案是B" (NFKC made a full-width colon ":")
+    re.compile(r"^\s*\**\(?([A-E])\)?\**(?:[.:,;)\s。、选项]|$)"),  # "B", "(B)", "B.", "**B**", "B。", "C选项"
+    re.compile(r"(?i:answer|choice|option)(?:\s*(?i:is|:))*\s*\**\(?([A-E])\)?\b"),  # "The answer is: **B**"
+    re.compile(r"(?:选[择项]?|答案(?:应该?)?)[是为:\s]*\**\(?([A-E])\)?"),  # "选B", "我选择C", "答案为 B"
 )
 
 
