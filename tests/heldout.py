@@ -55,9 +55,14 @@ class Stack:
 
 @contextlib.contextmanager
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    """The emulator (TTFT 100 ms, ITL 20 ms, 32 tokens, no jitter) and ``gateway serve`` in front of it."""
-    timing = {"ttft_ms": TTFT_MS, "itl_ms": ITL_MS, "output_tokens": OUTPUT_TOKENS, "jitter": 0}
-    with emulator_process(MODEL, **timing) as emulator:
+    """The emulator (TTFT 100 ms, ITL 20 ms, 32 tokens, no jitter; its tokens the tiny Qwen3's, the tokenizer
+    the clients count and encode with) and ``gateway serve`` in front of it."""
+    tokenizer = vllm_cpu.MODELS / "qwen3"
+    if not (tokenizer / "tokenizer.json").exists():
+        pytest.fail(f"the tiny Qwen3's tokenizer is missing at {tokenizer}: scripts/test.sh builds the tiny models")
+    options: dict[str, float | str] = {"ttft_ms": TTFT_MS, "itl_ms": ITL_MS, "output_tokens": OUTPUT_TOKENS,
+                                       "jitter": 0, "tokenizer": str(tokenizer)}  # fmt: skip
+    with emulator_process(MODEL, **options) as emulator:
         port = free_port()
         config = {
             "gateway": {"health_check_interval_s": 1, "results_db": ":memory:"},

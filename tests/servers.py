@@ -134,7 +134,7 @@ def histogram_quantile(text: str, name: str, q: float, **labels: str) -> float:
 
 
 @contextlib.contextmanager
-def emulator_process(model: str, **options: float) -> Iterator[str]:
+def emulator_process(model: str, **options: float | str) -> Iterator[str]:
     """``gateway emulate`` as its own process (``ttft_ms=5`` becomes ``--ttft-ms 5``); yields its URL. For tests
     that time streams: an emulator in the test's own process shares its interpreter lock with the test's threads."""
     port = free_port()

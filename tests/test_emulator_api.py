@@ -449,3 +449,30 @@ def test_the_tokenizer_gives_real_tokens(tokenizer_dir: str) -> None:
 def test_a_tokenizer_directory_without_a_tokenizer_fails_at_startup(tmp_path: Any) -> None:
     with pytest.raises(ValueError, match=r"no tokenizer\.json"):
         create_emulator_app(EmulatorConfig(model="m", tokenizer=str(tmp_path)))
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk_through_the_gateway() -> None:
+    """GuideLLM asks for ``stream_options.continuous_usage_stats``: vLLM then puts each choice's usage so far on
+    every chunk (the role chunk's at 0), before the usage-only chunk with the totals. The gateway relays them and
+    still counts the call's tokens once."""
+    from gateway.app import create_app
+    from tests.conftest import card, settings_for
+    from tests.servers import metric
+
+    cfg = EmulatorConfig(model="m", ttft_ms=5, itl_ms=1, output_tokens=5)
+    with ThreadServer(create_emulator_app(cfg)) as emu:
+        settings = settings_for([{"name": "b", "base_url": emu.url, "models": ["m"]}],
+                                [card("m", "qwen3", "Alibaba", "CN", aliases=[])])  # fmt: skip
+        with ThreadServer(create_app(settings)) as gw:
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                    "stream_options": {"include_usage": True, "continuous_usage_stats": True}}  # fmt: skip
+            lines = httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=30).text.splitlines()
+            text = httpx.get(f"{gw.url}/metrics").text
+    chunks = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+    made = [c["usage"]["completion_tokens"] for c in chunks if c["choices"]]
+    assert made == [0, 1, 2, 3, 4, 5], made
+    assert all(c["usage"]["total_tokens"] == c["usage"]["prompt_tokens"] + c["usage"]["completion_tokens"]
+               for c in chunks)  # fmt: skip
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+    assert metric(text, "gateway_completion_tokens_total", model="m") == 5
+    assert metric(text, "gateway_time_to_first_token_seconds_count", model="m") == 1

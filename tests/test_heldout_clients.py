@@ -2,9 +2,9 @@
 ``ChatOpenAI.with_structured_output`` and ``bind_tools``, and an lm-eval loglikelihood task. Each client runs from a
 virtualenv of its own (scripts/heldout-setup.sh).
 
-These need the emulator to honour ``response_format`` (json_schema), ``tools``/``tool_choice`` (streamed
-``tool_calls`` deltas, ``finish_reason: "tool_calls"``) and completions ``echo`` + ``logprobs`` over a prompt given
-as token ids; docs/heldout-clients.md says what each client sends."""
+They need the emulator to honour ``response_format`` (json_schema), ``tools``/``tool_choice`` (streamed
+``tool_calls`` deltas) and completions ``echo`` + ``logprobs`` over a prompt given as token ids of the tokenizer the
+client uses (the emulator runs with ``--tokenizer``); docs/heldout-clients.md says what each client sends."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ TASK = "heldout_loglikelihood"
 def test_langchain_structured_output_and_tools(tmp_path: Path) -> None:
     """langchain-openai 1.7.4: ``with_structured_output(Weather)`` returns a validated ``Weather``;
     ``bind_tools([GetWeather], tool_choice="GetWeather")`` returns one ``GetWeather`` call with a string ``city``,
-    answered whole and streamed (tool-call deltas assembled by LangChain), each ending with ``tool_calls``."""
+    answered whole and streamed (tool-call deltas assembled by LangChain), each ending with ``stop``: for a named
+    ``tool_choice`` that is what OpenAI's API and vLLM 0.32 send (``tool_calls`` is for "auto" and "required")."""
     python = client_program("langchain", "python")
     with stack(tmp_path) as servers:
         out = run_client(
@@ -51,7 +52,7 @@ def test_langchain_structured_output_and_tools(tmp_path: Path) -> None:
     for name in ("tool_call", "streamed_tool_call"):
         answer = result[name]
         assert "error" not in answer, (name, answer)
-        assert answer["finish_reason"] == "tool_calls", (name, answer)
+        assert answer["finish_reason"] == "stop", (name, answer)
         (call,) = answer["tool_calls"]
         assert call["name"] == "GetWeather" and call["id"], (name, call)
         assert set(call["args"]) == {"city"} and isinstance(call["args"]["city"], str), (name, call)

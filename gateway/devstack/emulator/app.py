@@ -136,12 +136,25 @@ class Emulator:
         break_at = steps // 2 if steps > 1 else None
         drop = cfg.drop_rate and self.rng.random() < cfg.drop_rate
         error = cfg.stream_error_rate and self.rng.random() < cfg.stream_error_rate
+
+        def so_far(c: generate.Choice, made: int) -> str:
+            """``,"usage":{...}`` with a choice's tokens so far, for stream_options.continuous_usage_stats (as
+            vLLM: per chunk, per choice; the usage-only chunk at the end still sums every choice)."""
+            out: dict[str, Any] = {"prompt_tokens": p.prompt_tokens, "completion_tokens": made,
+                                   "total_tokens": p.prompt_tokens + made}  # fmt: skip
+            if p.parser:
+                out["completion_tokens_details"] = {"reasoning_tokens": min(made, c.reasoning)}
+            return ',"usage":' + json.dumps(out, separators=(",", ":"))
+
         try:
             if p.chat:
                 for c in choices:
+                    usage0 = so_far(c, 0) if p.continuous_usage else ""
                     yield (
                         f'{head}"choices":[{{"index":{c.index},"delta":{{"role":"assistant","content":""}},'
-                        '"logprobs":null,"finish_reason":null}],"prompt_token_ids":null,"prompt_text":null}\n\n'
+                        '"logprobs":null,"finish_reason":null}],"prompt_token_ids":null,"prompt_text":null'
+                        + usage0
+                        + "}\n\n"
                     ).encode()
                     if p.echo_text:
                         delta = json.dumps({"content": p.echo_text})
@@ -173,7 +186,10 @@ class Emulator:
                     if k < len(own):
                         last = k == len(own) - 1
                         if own[k]:  # empty: a hidden reasoning token (include_reasoning false)
-                            out.append(head + '"choices":[' + own[k] + (end if last else "]}\n\n"))
+                            tail = end if last else "]}\n\n"
+                            if p.continuous_usage:
+                                tail = tail[:-3] + so_far(c, min(k + 1, c.tokens)) + "}\n\n"
+                            out.append(head + '"choices":[' + own[k] + tail)
                         sent += (1 if k < len(c.ids) else 0) + (c.hidden if last else 0)
                 if out:
                     yield "".join(out).encode()

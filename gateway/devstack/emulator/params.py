@@ -77,6 +77,7 @@ class Plan:
     max_tokens: int | None = None
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats (with include_usage): usage on every chunk
     logprobs: int | None = None  # chat: top_logprobs when logprobs is true; completions: logprobs
     prompt_logprobs: int | None = None
     echo: bool = False
@@ -367,8 +368,6 @@ def plan(body: Any, chat: bool, cfg: EmulatorConfig, tokens: TokenModel, rng: ra
     if body.get("stream_options") and not body.get("stream"):
         raise bad_request("Stream options can only be defined when `stream=True`.", "stream_options")
     opts = body.get("stream_options") or {}
-    if isinstance(opts, dict) and opts.get("continuous_usage_stats"):
-        raise unsupported("stream_options.continuous_usage_stats")
     sample, prompt_logprobs = _logprobs(body, chat, tokens.size())
     p = Plan(chat=chat, prompts=[], texts=[], logprobs=sample, prompt_logprobs=prompt_logprobs)
     p.schema = _response_format(body)
@@ -419,6 +418,7 @@ def plan(body: Any, chat: bool, cfg: EmulatorConfig, tokens: TokenModel, rng: ra
     p.ignore_eos = bool(body.get("ignore_eos"))
     p.stream = bool(body.get("stream"))
     p.include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+    p.continuous_usage = p.include_usage and bool(isinstance(opts, dict) and opts.get("continuous_usage_stats"))
     seed = body.get("seed")
     p.seed = seed if isinstance(seed, int) else None
     request_id = body.get("request_id")
