@@ -134,11 +134,18 @@ def histogram_quantile(text: str, name: str, q: float, **labels: str) -> float:
 
 
 @contextlib.contextmanager
-def emulator_process(model: str, **options: float | str) -> Iterator[str]:
-    """``gateway emulate`` as its own process (``ttft_ms=5`` becomes ``--ttft-ms 5``); yields its URL. For tests
-    that time streams: an emulator in the test's own process shares its interpreter lock with the test's threads."""
+def emulator_process(model: str, **options: float | str | bool) -> Iterator[str]:
+    """``gateway emulate`` as its own process (``ttft_ms=5`` becomes ``--ttft-ms 5``, ``think_in_content=True``
+    the bare switch); yields its URL. For tests that time streams: an emulator in the test's own process shares its
+    interpreter lock with the test's threads."""
     port = free_port()
-    flags = [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    flags = []
+    for key, value in options.items():
+        flag = f"--{key.replace('_', '-')}"
+        if value is True:
+            flags.append(flag)
+        elif value is not False:
+            flags += [flag, str(value)]
     url = f"http://127.0.0.1:{port}"
     with cli("emulate", "--model", model, "--port", str(port), *flags, ready=f"{url}/health"):
         yield url

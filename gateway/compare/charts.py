@@ -83,3 +83,56 @@ def bar_chart(label: str, items: Sequence[tuple[str, float | None]], unit: str, 
         ]
 
     return _chart(label, [name for name, _ in items], hi, unit, marks)
+
+
+def pareto_front(points: Sequence[tuple[str, float, float]]) -> list[str]:
+    """The names of the points no other point beats: none has a lower or equal x (cost, time) and a higher or
+    equal y (quality) with one of the two strictly better. In order of x."""
+    front = [
+        (x, name)
+        for name, x, y in points
+        if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for _, x2, y2 in points)
+    ]
+    return [name for _, name in sorted(front)]
+
+
+def scatter(label: str, points: Sequence[tuple[str, float, float]], x_unit: str, fmt_x: Callable[[float], str]) -> str:
+    """Quality (y, 0-100%) against cost or time (x, from 0), one labelled dot per arm; the Pareto front's dots
+    are marked (class ``pareto``) and joined by a line."""
+    if not points:
+        return '<p class="nodata">no data</p>'
+    width, height, left, bottom, top = 760, 340, 70, 40, 15
+    plot_w, plot_h = width - left - 150, height - bottom - top
+    hi = _nice_max(max(x for _, x, _ in points))
+    front = pareto_front(points)
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return left + x * plot_w / hi, top + (1.0 - y) * plot_h
+
+    parts = []
+    for step in range(6):
+        gx, _ = at(hi * step / 5, 0)
+        _, gy = at(0, step / 5)
+        parts.append(f'<line class="grid" x1="{gx:.1f}" x2="{gx:.1f}" y1="{top}" y2="{top + plot_h}"/>')
+        parts.append(
+            f'<text x="{gx:.1f}" y="{height - 22}" text-anchor="middle">{escape_html(fmt_x(hi * step / 5))}</text>'
+        )
+        parts.append(f'<line class="grid" x1="{left}" x2="{left + plot_w}" y1="{gy:.1f}" y2="{gy:.1f}"/>')
+        parts.append(f'<text x="{left - 6}" y="{gy + 4:.1f}" text-anchor="end">{step * 20}%</text>')
+    parts.append(
+        f'<text x="{left + plot_w / 2:.1f}" y="{height - 4}" text-anchor="middle">{escape_html(x_unit)}</text>'
+    )
+    by_name = {name: (x, y) for name, x, y in points}
+    if len(front) > 1:
+        line = " ".join(f"{px:.1f},{py:.1f}" for px, py in (at(*by_name[n]) for n in front))
+        parts.append(f'<polyline class="front" points="{line}"/>')
+    for name, x, y in points:
+        px, py = at(x, y)
+        cls = "pareto" if name in front else "point"
+        parts.append(f'<circle class="{cls}" cx="{px:.1f}" cy="{py:.1f}" r="5"><title>{escape_html(name)}</title>'
+                     "</circle>")  # fmt: skip
+        parts.append(f'<text x="{px + 8:.1f}" y="{py + 4:.1f}">{escape_html(name)}</text>')
+    return (
+        f'<svg class="plot scatter" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="{escape_html(label)}"><title>{escape_html(label)}</title>{"".join(parts)}</svg>'
+    )

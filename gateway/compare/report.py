@@ -17,6 +17,9 @@ Contract:
 - Paired comparisons (``gateway.compare.stats``): every arm against the baseline (default: the first US model,
   else the first arm) on TTFT, TPOT, E2E and output speed, and on time to first answer token when any call
   reasoned.
+- Accuracy (``gateway.compare.quality``): for graded prompts, accuracy per arm and per origin with a Wilson 95%
+  interval, per category and language, paired against the baseline with McNemar's exact test, $ per correct
+  answer on both bases, and accuracy against $ per answer and against TTFAT with the Pareto front marked.
 - Reasoning: TTFAT is the time to the first answer chunk (not reasoning); reasoning share = reasoning tokens /
   completion tokens; "empty answers" counts successful calls with no answer (thinking used the whole max_tokens),
   which the answers section flags. $ per answer = the whole call's cost, thinking included: on the list-price
@@ -39,6 +42,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from gateway.compare import quality
+from gateway.compare.answers import answers, table
 from gateway.compare.charts import bar_chart, escape_html, strip_plot
 from gateway.compare.stats import (
     DASH,
@@ -56,7 +61,6 @@ from gateway.config import ModelCard
 from gateway.cost import blended_price_per_1m, gpu_usd_per_1m_output
 
 MISSING = DASH
-ANSWER_CHARS = 600
 DEFAULT_TITLE = "Model comparison"
 MAIN_ORIGINS = ("CN", "US")
 NO_DATA = '<p class="nodata">no data</p>'
@@ -308,19 +312,28 @@ def md_escape(text: str) -> str:
     return _MD_SPECIAL.sub(r"\\\1", html.escape(one_line, quote=False))
 
 
-def _md_table(rows: Sequence[Row], *, group: bool) -> list[str]:
-    def line(cells: Iterable[str]) -> str:
-        return "| " + " | ".join(md_escape(c) for c in cells) + " |"
+def _md_line(cells: Iterable[str]) -> str:
+    return "| " + " | ".join(md_escape(c) for c in cells) + " |"
 
+
+def _md_table(rows: Sequence[Row], *, group: bool) -> list[str]:
     head = [*_lead_names(group), *COLUMN_NAMES]
-    return [line(head), line("---" for _ in head), *(line(_lead(r, group) + _cells(r)) for r in rows)]
+    return [_md_line(head), _md_line("---" for _ in head), *(_md_line(_lead(r, group) + _cells(r)) for r in rows)]
 
 
 def render_markdown(
-    title: str, when: str, rows: Sequence[Row], groups: Sequence[Row], comps: Sequence[Comparison]
-) -> str:
+    title: str, when: str, rows: Sequence[Row], groups: Sequence[Row], comps: Sequence[Comparison],
+    accuracy: quality.Markdown | None = None,
+) -> str:  # fmt: skip
     lines = [f"# {md_escape(title)}", "", f"Generated {when}.", "", "## Per model", ""]
     lines += _md_table(rows, group=False) if rows else ["No data."]
+    lines += ["", "## Accuracy", ""]
+    if accuracy is not None and accuracy.table:
+        head, *body = accuracy.table
+        lines += [_md_line(head), _md_line("---" for _ in head), *(_md_line(r) for r in body), ""]
+        lines += [f"- {md_escape(x)}" for x in accuracy.sentences]
+    else:
+        lines.append(md_escape(accuracy.note if accuracy is not None else quality.NO_GRADED))
     lines += ["", "## By origin", "", *_md_table(groups, group=True), "", "## Paired comparisons", ""]
     lines += [f"- {md_escape(c.sentence)}" for c in comps] or ["No data (fewer than two models)."]
     if empty := [r for r in rows if r.empty_answers]:
@@ -336,65 +349,16 @@ table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;padding
 td.n{text-align:right}th{background:#f3f3f3}.note{background:#f8f8f0;padding:.5em 1em;border-left:3px solid #cc9}
 .err{color:#b00020}.nodata{fill:#888;color:#888}.ans{white-space:pre-wrap;max-width:40em}.len{color:#777}
 svg.plot text{font-size:12px;fill:#333}.grid{stroke:#ddd}.box{fill:#cfe0f5;stroke:#5b8fd0}
-.median{stroke:#123e7a;stroke-width:2}.dot{fill:#1f4e9a;fill-opacity:.55}.bar{fill:#5b8fd0}"""
-
-
-def _table(head: Sequence[str], rows: Sequence[Sequence[str]], numeric_from: int = 99) -> str:
-    """Cells are already HTML; columns from ``numeric_from`` on are right-aligned."""
-    th = "".join(f"<th>{escape_html(h)}</th>" for h in head)
-    trs = (
-        "<tr>" + "".join(f'<td class="n">{c}</td>' if i >= numeric_from else f"<td>{c}</td>" for i, c in enumerate(r))
-        for r in rows
-    )
-    return f"<table><tr>{th}</tr>{''.join(trs)}</table>"
-
-
-def _clipped(text: str) -> str:
-    if len(text) <= ANSWER_CHARS:
-        return f'<div class="ans">{escape_html(text)}</div>'
-    shown, note = escape_html(text[:ANSWER_CHARS]), f"(first {ANSWER_CHARS} of {len(text)} chars)"
-    return f'<div class="ans">{shown}…</div><span class="len">{note}</span>'
-
-
-def _answer(call: CallResult | None) -> str:
-    """A call's answer; its reasoning, if any, collapsed above it; an empty answer flagged."""
-    if call is None:
-        return MISSING
-    if call.error is not None:
-        return f'<span class="err">error: {escape_html(call.error)}</span>'
-    thought = ""
-    if call.reasoning_text:
-        label = f"reasoning ({call.reasoning_tokens} tokens, {len(call.reasoning_text)} chars)"
-        thought = f"<details><summary>{escape_html(label)}</summary>{_clipped(call.reasoning_text)}</details>"
-    if call.empty_answer:
-        why = f"no answer: the thinking used the whole budget (finish_reason {call.finish_reason or 'unknown'})"
-        return thought + f'<span class="err">{escape_html(why)}</span>'
-    if call.text is None:
-        return thought + '<span class="nodata">(answer not kept)</span>'
-    return thought + _clipped(call.text)
-
-
-def _answers(results: Sequence[CallResult], models: Sequence[str]) -> str:
-    cells: dict[tuple[str, str, int], dict[str, CallResult]] = {}
-    for r in results:
-        cells.setdefault((r.comparison_id, r.prompt_id, r.repeat), {}).setdefault(r.arm, r)
-    if not cells:
-        return NO_DATA
-    rows = []
-    for (comparison, prompt, repeat), calls in cells.items():
-        category = next(iter(calls.values())).prompt_category
-        label = f"{escape_html(prompt or comparison)} #{repeat}" + (
-            f"<br><small>{escape_html(category)}</small>" if category else ""
-        )
-        rows.append([label, *(_answer(calls.get(m)) for m in models)])
-    return _table(["prompt / repeat", *models], rows)
+.median{stroke:#123e7a;stroke-width:2}.dot{fill:#1f4e9a;fill-opacity:.55}.bar{fill:#5b8fd0}
+.point{fill:#fff;stroke:#5b8fd0;stroke-width:2}.pareto{fill:#1f4e9a}
+.front{fill:none;stroke:#1f4e9a;stroke-dasharray:4 3}"""
 
 
 def _summary_table(rows: Sequence[Row], *, group: bool) -> str:
     if not rows:
         return NO_DATA
     body = [[escape_html(c) for c in _lead(r, group) + _cells(r)] for r in rows]
-    return _table([*_lead_names(group), *COLUMN_NAMES], body, numeric_from=len(_lead_names(group)))
+    return table([*_lead_names(group), *COLUMN_NAMES], body, numeric_from=len(_lead_names(group)))
 
 
 def _comparison_section(comps: Sequence[Comparison]) -> str:
@@ -412,7 +376,7 @@ def _comparison_section(comps: Sequence[Comparison]) -> str:
         rows.append([escape_html(cell) for cell in cells])
     head = ["models", "metric", "pairs", "median ratio", "95% CI", "median difference", "95% CI"]
     sentences = "".join(f"<li>{escape_html(c.sentence)}</li>" for c in comps)
-    return f"<ul>{sentences}</ul>" + _table(head, rows, numeric_from=2)
+    return f"<ul>{sentences}</ul>" + table(head, rows, numeric_from=2)
 
 
 def _cost_section(rows: Sequence[Row]) -> str:
@@ -429,7 +393,7 @@ def _cost_section(rows: Sequence[Row]) -> str:
 
 def render_html(
     title: str, when: str, results: Sequence[CallResult], rows: Sequence[Row], groups: Sequence[Row],
-    comps: Sequence[Comparison],
+    comps: Sequence[Comparison], accuracy: str = NO_DATA,
 ) -> str:  # fmt: skip
     by_model = _by_model(results)
     models = [r.name for r in rows]
@@ -448,6 +412,7 @@ def render_html(
             f'<div class="note"><p>{escape_html(DEFINITIONS)}</p><p>{escape_html(GPU_NOTE)}</p></div>',
         ),
         ("Summary", _summary_table(rows, group=False)),
+        ("Accuracy", accuracy),
         ("By origin: CN vs US", _summary_table(groups, group=True)),
         ("TTFT distribution", distribution("ttft_s")),
         ("Time to first answer token distribution", distribution("ttfat_s")),
@@ -455,7 +420,7 @@ def render_html(
         ("Output speed", bar_chart("output tok/s = 1 / median TPOT", speed, "tok/s", _num) if rows else NO_DATA),
         ("Cost per 1M output tokens", _cost_section(rows)),
         ("Paired comparisons", _comparison_section(comps)),
-        ("Answers side by side", _answers(results, models)),
+        ("Answers side by side", answers(results, models)),
     ]
     body = "".join(f"<section><h2>{escape_html(h)}</h2>{content}</section>" for h, content in sections)
     return (
@@ -480,9 +445,10 @@ def write_report(
     rows = model_rows(results, cards)
     groups = origin_rows(results, rows)
     comps = comparisons(results, rows, baseline)
+    quality_html, quality_md = quality.section(_by_model(results), rows, groups, choose_baseline(rows, baseline))
     when = (generated_at or datetime.now(UTC)).strftime("%Y-%m-%d %H:%M:%S %Z").strip()
     paths = ReportPaths(out_dir / "results.csv", out_dir / "summary.md", out_dir / "report.html")
     write_csv(results, paths.csv)
-    paths.markdown.write_text(render_markdown(title, when, rows, groups, comps), encoding="utf-8")
-    paths.html.write_text(render_html(title, when, results, rows, groups, comps), encoding="utf-8")
+    paths.markdown.write_text(render_markdown(title, when, rows, groups, comps, quality_md), encoding="utf-8")
+    paths.html.write_text(render_html(title, when, results, rows, groups, comps, quality_html), encoding="utf-8")
     return paths

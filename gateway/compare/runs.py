@@ -23,6 +23,7 @@ import httpx
 from tqdm import tqdm
 
 from gateway.compare.arms import Arm
+from gateway.compare.grading import Answer, Expectation, ExpectationError, ToolCall, expectation_of, grade
 from gateway.compare.store import CallResult, measured
 from gateway.config import ModelCard
 from gateway.cost import list_price_usd
@@ -64,6 +65,9 @@ class Prompt:
     category: str
     messages: list[dict[str, Any]]
     max_tokens: int | None = None
+    expectation: Expectation | None = None  # a graded prompt: how its answer is scored (gateway.compare.grading)
+    tools: list[dict[str, Any]] | None = None  # sent with tool_choice "auto" (tool-use prompts)
+    lang: str = ""
 
 
 class PromptError(Exception):
@@ -74,12 +78,26 @@ def builtin_prompts() -> list[Prompt]:
     return [Prompt(p["id"], p["category"], [{"role": "user", "content": p["prompt"]}]) for p in BUILTIN]
 
 
+GRADED_DIR = Path(__file__).resolve().parent / "graded"
+GRADED_SETS = ("en", "zh")
+
+
 def load_prompts(source: str) -> list[Prompt]:
-    """``builtin`` or a JSONL file: one object per line with ``prompt`` (text) or ``messages``, and optionally
-    ``id``, ``category`` and ``max_tokens``."""
+    """``builtin``, ``builtin-graded`` (the graded sets in English and Chinese, ``builtin-graded-en`` or ``-zh``
+    for one), or a JSONL file: one object per line with ``prompt`` (text) or ``messages``, and optionally ``id``,
+    ``category``, ``lang``, ``max_tokens`` and, to grade its answers, ``expected`` and ``scorer`` (with ``schema``,
+    ``tools`` or ``tolerance`` as the scorer needs: ``gateway.compare.grading``)."""
     if source == "builtin":
         return builtin_prompts()
-    path = Path(source)
+    if source.startswith("builtin-graded"):
+        langs = GRADED_SETS if source == "builtin-graded" else (source.removeprefix("builtin-graded-"),)
+        if not set(langs) <= set(GRADED_SETS):
+            raise PromptError(f"{source}: no such set; builtin-graded, or builtin-graded-en / -zh")
+        return [p for lang in langs for p in _load_file(GRADED_DIR / f"{lang}.jsonl")]
+    return _load_file(Path(source))
+
+
+def _load_file(path: Path) -> list[Prompt]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
@@ -102,7 +120,13 @@ def load_prompts(source: str) -> list[Prompt]:
         max_tokens = obj.get("max_tokens")
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
             raise PromptError(f"{path}:{n}: max_tokens must be a positive integer")
-        prompts.append(Prompt(str(obj.get("id", f"p{n}")), str(obj.get("category", "")), messages, max_tokens))
+        try:
+            expectation = expectation_of(obj)
+        except ExpectationError as exc:
+            raise PromptError(f"{path}:{n}: {exc}") from None
+        tools = obj.get("tools") if isinstance(obj.get("tools"), list) else None
+        prompts.append(Prompt(str(obj.get("id", f"p{n}")), str(obj.get("category", "")), messages, max_tokens,
+                              expectation, tools, str(obj.get("lang", ""))))  # fmt: skip
     if not prompts:
         raise PromptError(f"{path}: no prompts")
     ids = [p.id for p in prompts]
@@ -118,8 +142,11 @@ async def call(
     """One streamed call of ``arm`` (a model, or a model with a variant's fields laid over the request)."""
     arm = Arm(arm) if isinstance(arm, str) else arm
     model = arm.model
-    body = arm.body({"messages": prompt.messages, "max_tokens": prompt.max_tokens or max_tokens,
-                     "temperature": 0.0, "seed": repeat})  # fmt: skip
+    base: dict[str, Any] = {"messages": prompt.messages, "max_tokens": prompt.max_tokens or max_tokens,
+                            "temperature": 0.0, "seed": repeat}  # fmt: skip
+    if prompt.tools:
+        base.update(tools=prompt.tools, tool_choice="auto")
+    body = arm.body(base)
     body.update(model=model, stream=True, stream_options={"include_usage": True})
     obs = StreamObserver(t0=time.perf_counter(), keep_text=True)
     backend: str | None = None
@@ -132,10 +159,17 @@ async def call(
                 error = _refusal(response.status_code, await response.aread())
     except httpx.HTTPError as exc:
         error = f"{type(exc).__name__}: {exc}"
-    return measured(
+    result = measured(
         comparison_id, "run", model, obs, backend=backend, error=error, keep_text=True, prompt_id=prompt.id,
         prompt_category=prompt.category, repeat=repeat, variant=arm.variant,
     )  # fmt: skip
+    result.prompt_lang = prompt.lang
+    if prompt.expectation is not None and error is None:
+        calls = [ToolCall(name, arguments) for name, arguments in (obs.tool_calls[i] for i in sorted(obs.tool_calls))]
+        graded = grade(prompt.expectation, Answer(result.text or "", calls))
+        result.correct = None if graded.correct is None else int(graded.correct)
+        result.score, result.grade_detail = graded.score, graded.kind or graded.detail
+    return result
 
 
 async def _observe(response: httpx.Response, obs: StreamObserver) -> str | None:
@@ -148,7 +182,7 @@ async def _observe(response: httpx.Response, obs: StreamObserver) -> str | None:
         return str(obs.error.get("message", obs.error))
     if not obs.done:
         return "the stream ended without [DONE]"
-    if obs.first_token is None:
+    if obs.first_token is None and not obs.tool_calls:
         return "no token-bearing chunk: the model produced no visible text"
     return None
 

@@ -37,6 +37,10 @@ answer_tokens      INTEGER  completion tokens that were not reasoning
 empty_answer       INTEGER  1 when the call succeeded with no answer (thinking used the whole max_tokens)
 think_in_content   INTEGER  1 when the reasoning came as <think> tags inside the content (no reasoning parser)
 reasoning_text     TEXT     the reasoning, kept apart from the answer (NULL when text is not kept)
+prompt_lang        TEXT     the prompt's language, when its file says ("en", "zh")
+correct            INTEGER  1 or 0 for a graded prompt's answer (gateway.compare.grading), NULL when not graded
+score              REAL     the grader's score (1.0 or 0.0 today), NULL when not graded
+grade_detail       TEXT     why a graded answer is wrong (or which tool-call failure: no_call, invalid_json, ...)
 =================  =======  ===============================================================================
 
 Columns added after a store file was created are added to it when it is opened (``ALTER TABLE ... ADD COLUMN``),
@@ -89,6 +93,10 @@ class CallResult:
     empty_answer: int = 0
     think_in_content: int = 0
     reasoning_text: str | None = None
+    prompt_lang: str = ""
+    correct: int | None = None
+    score: float | None = None
+    grade_detail: str = ""
 
     @property
     def ok(self) -> bool:
@@ -175,11 +183,12 @@ _TYPES = {
     "repeat": "INTEGER", "prompt_tokens": "INTEGER", "completion_tokens": "INTEGER", "created_at": "REAL",
     "ttft_s": "REAL", "tpot_s": "REAL", "e2e_s": "REAL", "output_tps": "REAL", "cost_gpu_usd": "REAL",
     "cost_list_usd": "REAL", "ttfat_s": "REAL", "reasoning_s": "REAL", "reasoning_tokens": "INTEGER",
-    "answer_tokens": "INTEGER", "empty_answer": "INTEGER", "think_in_content": "INTEGER",
+    "answer_tokens": "INTEGER", "empty_answer": "INTEGER", "think_in_content": "INTEGER", "correct": "INTEGER",
+    "score": "REAL",
 }  # fmt: skip
 # What a column added later reads as in the rows stored before it existed (NULL when not listed).
 _DEFAULTS = {"variant": "''", "reasoning_tokens": "0", "reasoning_source": "''", "answer_tokens": "0",
-             "empty_answer": "0", "think_in_content": "0"}  # fmt: skip
+             "empty_answer": "0", "think_in_content": "0", "prompt_lang": "''", "grade_detail": "''"}  # fmt: skip
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS results (id INTEGER PRIMARY KEY AUTOINCREMENT, "
     + ", ".join(f"{c} {_TYPES.get(c, 'TEXT')}" for c in COLUMNS)

@@ -177,6 +177,25 @@ def _reasoning_of(choices: list[Any]) -> str:
     return "".join(parts)
 
 
+def _add_tool_calls(calls: dict[int, list[str]], choices: list[Any]) -> None:
+    """Assemble streamed ``tool_calls`` deltas of the first choice: the name arrives once, the arguments in pieces."""
+    for choice in choices:
+        if not isinstance(choice, dict) or choice.get("index", 0) != 0 or not isinstance(choice.get("delta"), dict):
+            continue
+        for delta in choice["delta"].get("tool_calls") or []:
+            if not isinstance(delta, dict):
+                continue
+            index = delta.get("index", 0)
+            slot = calls.setdefault(index if isinstance(index, int) else 0, ["", ""])
+            function = delta.get("function")
+            if not isinstance(function, dict):
+                continue
+            if isinstance(function.get("name"), str):
+                slot[0] += function["name"]
+            if isinstance(function.get("arguments"), str):
+                slot[1] += function["arguments"]
+
+
 def split_answer(text: str) -> tuple[str, str]:
     """(reasoning, answer) of an answer's text that may hold ``<think>...</think>`` (a server without a reasoning
     parser; the opening tag may have been in the prompt)."""
@@ -219,6 +238,8 @@ class StreamObserver:
     finish_reason: str | None = None
     text: list[str] = field(default_factory=list)
     reasoning_text: list[str] = field(default_factory=list)  # the first choice's reasoning fields, when kept
+    # the first choice's tool calls, when kept: {index: [name, arguments]} assembled from the deltas
+    tool_calls: dict[int, list[str]] = field(default_factory=dict)
     token_chunks: int = 0  # chunks that carried tokens (each at least one)
     # Reasoning vs answer (the module docstring): when each began, how many chunks of each, the backend's count.
     first_reasoning: float | None = None
@@ -304,6 +325,8 @@ class StreamObserver:
             if self.keep_text:
                 self.text.append(_text_of(choices))
                 self.reasoning_text.append(_reasoning_of(choices))
+                if tools:
+                    _add_tool_calls(self.tool_calls, choices)
         for choice in choices:
             if isinstance(choice, dict) and choice.get("finish_reason"):
                 self.finish_reason = str(choice["finish_reason"])
@@ -335,6 +358,12 @@ class StreamObserver:
             if self.keep_text and isinstance(text, str):
                 self.text.append(text)
             if self.keep_text and isinstance(message, dict):
+                for i, call in enumerate(message.get("tool_calls") or []):
+                    function = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(function, dict):
+                        name, arguments = function.get("name"), function.get("arguments")
+                        self.tool_calls[i] = [name if isinstance(name, str) else "",
+                                              arguments if isinstance(arguments, str) else ""]  # fmt: skip
                 thinking = message.get("reasoning_content") or message.get("reasoning")
                 if isinstance(thinking, str):
                     self.reasoning_text.append(thinking)

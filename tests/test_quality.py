@@ -1,0 +1,104 @@
+"""Quality beside speed and cost (issue #16): graded prompt files, accuracy with its interval, paired accuracy with
+McNemar's exact test, $ per correct answer, the Pareto front. Expected figures are worked out by hand."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from gateway.compare.charts import pareto_front, scatter
+from gateway.compare.quality import accuracy, mcnemar_exact, paired_accuracy, wilson
+from gateway.compare.report import write_report
+from gateway.compare.runs import PromptError, load_prompts
+from gateway.compare.stats import DASH
+from gateway.compare.store import CallResult
+from gateway.config import Gpu, ListPrice, ModelCard
+
+CARDS = {
+    "q": ModelCard(id="q", family="qwen3", origin="CN", gpu=Gpu(type="H100", count=1, usd_per_hour=3.6),
+                   list_price=ListPrice(input_per_1m=0.0, output_per_1m=10.0)),
+    "l": ModelCard(id="l", family="llama", origin="US", gpu=Gpu(type="H100", count=1, usd_per_hour=3.6),
+                   list_price=ListPrice(input_per_1m=0.0, output_per_1m=20.0)),
+}  # fmt: skip
+
+
+def test_wilson_and_mcnemar_match_hand_computed_values() -> None:
+    lo, hi = wilson(8, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)
+    assert wilson(0, 5)[0] == 0.0 and wilson(5, 5)[1] == 1.0
+    assert mcnemar_exact(7, 1) == pytest.approx(2 * (1 + 8) / 256)  # n = 8, the tail P(X <= 1) doubled
+    assert mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(0, 0) == 1.0
+
+
+def results() -> list[CallResult]:
+    """10 graded items; q right on 9 (items 0-8), l right on 2 (items 0 and 9). Each call 100 completion tokens
+    over 1 s, one every second: each model's served rate 100 tok/s."""
+    out = []
+    for k in range(10):
+        base = CallResult(comparison_id="run-q", kind="run", model="q", prompt_id=f"i{k}", family="qwen3",
+                          origin="CN", ttft_s=0.1, ttfat_s=0.2, tpot_s=0.01, e2e_s=1.0, completion_tokens=100,
+                          created_at=1000.0 + k, cost_list_usd=100 * 10 / 1e6, correct=int(k < 9), score=1.0,
+                          prompt_category="arithmetic" if k < 5 else "tool use", prompt_lang="en" if k % 2 else "zh",
+                          text=f"answer {k}")  # fmt: skip
+        out.append(base)
+        out.append(replace(base, model="l", family="llama", origin="US", ttfat_s=0.1, ttft_s=0.1,
+                           cost_list_usd=100 * 20 / 1e6, correct=int(k in (0, 9))))  # fmt: skip
+    return out
+
+
+def test_accuracy_paired_test_and_cost_per_correct_answer() -> None:
+    rows = results()
+    q = accuracy("q", [r for r in rows if r.model == "q"], gpu_per_1m=10.0)
+    assert (q.graded, q.correct, q.rate) == (10, 9, 0.9)
+    assert q.list_per_correct == pytest.approx(10 * 0.001 / 9)  # 10 calls of $0.001, 9 right
+    assert q.gpu_per_correct == pytest.approx(10.0 * 1000 / 1e6 / 9)  # $10/1M x 1000 tokens, 9 right
+    p = paired_accuracy("q", [r for r in rows if r.model == "q"], "l", [r for r in rows if r.model == "l"])
+    assert p is not None
+    assert (p.pairs, p.only_arm, p.only_baseline) == (10, 8, 1)  # q alone right on 1-8, l alone on 9
+    assert p.difference == pytest.approx(0.7) and p.p_value == pytest.approx(2 * (1 + 9) / 512)
+    assert p.interval[0] > 0 and "q is 70.0 points more accurate than l on the same 10 items" in p.sentence()
+    # 7 against 1 is not clear (p = 0.07), whatever the bootstrap interval says
+    close = paired_accuracy("q", [r for r in rows if r.model == "q" and r.prompt_id != "i8"], "l",
+                            [r for r in rows if r.model == "l"])  # fmt: skip
+    assert close is not None and close.p_value == pytest.approx(2 * 9 / 256)
+    assert close.sentence().startswith("No clear difference in accuracy between q and l on the same 9 items")
+
+
+def test_the_report_shows_accuracy_the_pareto_front_and_grades_in_the_csv(tmp_path: Path) -> None:
+    paths = write_report(results(), CARDS, tmp_path)
+    md = paths.markdown.read_text(encoding="utf-8")
+    # GPU basis: $3.6/h at 100 tok/s served = $10 per 1M; q: 1000 tokens, 9 right -> $0.00111 per correct answer
+    assert f"| q | 10 | 9 | 90.0% (60{DASH}98%) | 0.00111 | 0.00111 |" in md
+    assert f"| l | 10 | 2 | 20.0% (6{DASH}51%) | 0.005 | 0.01 |" in md
+    assert "q is 70.0 points more accurate than l on the same 10 items" in md
+    page = paths.html.read_text(encoding="utf-8")
+    assert page.count('<svg class="plot scatter"') == 2
+    assert "By category" in page and "80% (4/5)" in page  # q on tool use: right on 5-8 of 5-9
+    with paths.csv.open(encoding="utf-8") as f:
+        header = f.readline().strip().split(",")
+    assert {"correct", "score", "grade_detail", "prompt_lang"} <= set(header)
+
+
+def test_pareto_front() -> None:
+    points = [("cheap-bad", 1.0, 0.2), ("mid", 2.0, 0.6), ("dear-good", 5.0, 0.9), ("beaten", 3.0, 0.5),
+              ("tie", 2.0, 0.6)]  # fmt: skip
+    assert pareto_front(points) == ["cheap-bad", "mid", "tie", "dear-good"]
+    svg = scatter("x", points, "$", str)
+    assert svg.count('class="pareto"') == 4 and svg.count('class="point"') == 1 and "<polyline" in svg
+
+
+def test_graded_prompt_files(tmp_path: Path) -> None:
+    graded = load_prompts("builtin-graded")
+    assert len(graded) >= 80 and all(p.expectation is not None for p in graded)
+    assert {p.lang for p in graded} == {"en", "zh"} and len(load_prompts("builtin-graded-zh")) >= 40
+    assert any(p.tools for p in graded)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "2+2?", "expected": 4, "scorer": "number"}) + "\n"
+                   + json.dumps({"prompt": "x", "scorer": "choice", "expected": "Z"}) + "\n")  # fmt: skip
+    with pytest.raises(PromptError, match=r"bad.jsonl:2: scorer 'choice' needs"):
+        load_prompts(str(bad))
+    with pytest.raises(PromptError, match="no such set"):
+        load_prompts("builtin-graded-fr")
