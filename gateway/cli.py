@@ -81,6 +81,27 @@ def _emulate_parser(sub: Any) -> None:
         action="store_true",
         help="emulate a server without a reasoning parser: the thinking in the content, between <think> tags",
     )
+    p.add_argument(
+        "--answers",
+        default=None,
+        metavar="FILE.jsonl",
+        help="a graded prompt file: its prompts are answered right with probability --accuracy (an oracle)",
+    )
+    p.add_argument(
+        "--accuracy",
+        type=float,
+        default=1.0,
+        metavar="P",
+        help="with --answers: the chance (0-1) of the right answer, decided per prompt by --seed (default 1)",
+    )
+    p.add_argument(
+        "--tool-error-rate",
+        type=float,
+        default=0.5,
+        metavar="R",
+        help="with --answers: the share (0-1) of wrong tool answers that are invalid calls; the rest are a wrong "
+        "call or no call (default 0.5)",
+    )
 
 
 def _up_parser(sub: Any) -> None:
@@ -261,11 +282,17 @@ def emulate(args: argparse.Namespace) -> int:
             reasoning_tokens=args.reasoning_tokens,
             reasoning_field=args.reasoning_field,
             think_in_content=args.think_in_content,
+            answers=args.answers,
+            accuracy=args.accuracy,
+            tool_error_rate=args.tool_error_rate,
         )
         app = create_emulator_app(config)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    oracle = app.state.emulator.oracle
+    if oracle is not None:
+        print(f"oracle: {oracle.summary()} from {args.answers}, accuracy {args.accuracy}, seed {args.seed}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
     return 0
 

@@ -95,6 +95,16 @@ class EmulatorSpec(Strict):
     think_in_content: bool = Field(
         default=False, description="no reasoning parser: the thinking in the content, between <think> tags"
     )
+    seed: int | None = Field(default=None, description="the emulator's seed (default: the backend's position)")
+    answers: str | None = Field(
+        default=None, description="a graded prompt file the emulator answers as an oracle (path from the cwd)"
+    )
+    accuracy: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=1.0, description="with answers: the chance of the right answer, decided per prompt by the seed"
+    )
+    tool_error_rate: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.5, description="with answers: the share of wrong tool answers that are invalid calls"
+    )
 
 
 class VllmCpuSpec(Strict):

@@ -70,7 +70,8 @@ def emulator_argv(model: str, port: int, spec: dict[str, Any]) -> list[str]:
 
 def backend_argv(kind: Kind, backend: BackendConfig, port: int, seed: int) -> list[str]:
     if kind == "emulated":
-        spec = (backend.emulator.model_dump() if backend.emulator else {}) | {"seed": seed}
+        # the config's seed wins: an oracle's answers are fixed by it (unset ones are left to the emulator)
+        spec = {"seed": seed} | (backend.emulator.model_dump(exclude_none=True) if backend.emulator else {})
         return emulator_argv(backend.models[0], port, spec)
     if backend.vllm_cpu is None:
         raise ValueError(f"backend {backend.name} has no 'vllm_cpu' section: cannot start it with vLLM")

@@ -17,12 +17,16 @@ Thinking (``--reasoning-tokens N``, chat only): N reasoning chunks before each a
 ``reasoning_content``) delta field as with a reasoning parser, or inside the content between ``<think>`` tags as
 without one (``generate`` and ``render`` tell the shapes).
 
+The oracle (``--answers FILE.jsonl --accuracy P``): a graded prompt file's prompts answered right with a known
+probability, decided per prompt by the seed (``oracle``); other prompts get filler as usual.
+
 Timing: TTFT and ITL are scheduled against the request's start (no drift), scaled by a simple load model
 (``running / batch_size`` once more requests run than fit in a batch), with optional seeded jitter.
 
 Modules: ``config`` (settings, limits), ``errors`` (vLLM's error bodies), ``params`` (the field policy), ``tokens``
-(token models), ``generate`` (what each choice says), ``tools`` (schema-valid values), ``logprobs``, ``render``
-(answer shapes), ``tokenize`` (tokenizer routes), ``metrics`` (engine metrics), ``app`` (routes, timing, faults).
+(token models), ``generate`` (what each choice says), ``tools`` (schema-valid values), ``logprobs``, ``oracle``
+(known answers to graded prompts), ``render`` (answer shapes), ``tokenize`` (tokenizer routes), ``metrics`` (engine
+metrics), ``app`` (routes, timing, faults).
 """
 
 from __future__ import annotations

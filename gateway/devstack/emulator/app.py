@@ -20,6 +20,7 @@ from gateway.devstack.emulator import generate, render
 from gateway.devstack.emulator.config import EMULATOR, EmulatorConfig
 from gateway.devstack.emulator.errors import VllmError
 from gateway.devstack.emulator.metrics import EngineMetrics
+from gateway.devstack.emulator.oracle import Oracle
 from gateway.devstack.emulator.params import Plan, plan
 from gateway.devstack.emulator.tokenize import tokenizer_routes
 from gateway.devstack.emulator.tokens import TokenModel, token_model
@@ -35,6 +36,9 @@ class Emulator:
         self.rng = random.Random(config.seed)
         self.running = 0
         self.created = int(time.time())
+        self.oracle: Oracle | None = None
+        if config.answers is not None:
+            self.oracle = Oracle.load(config.answers, config.seed, config.accuracy, config.tool_error_rate)
 
     def _factor(self) -> float:
         load = max(1.0, self.running / self.config.batch_size)
@@ -50,15 +54,19 @@ class Emulator:
     async def handle(self, request: Request, chat: bool) -> Response:
         start = time.perf_counter()
         try:
-            p = plan(await self.read(request), chat, self.config, self.tokens, self.rng)
+            body = await self.read(request)
+            p = plan(body, chat, self.config, self.tokens, self.rng)
             if self.config.fail_rate and self.rng.random() < self.config.fail_rate:
                 raise VllmError(500, "injected failure (emulator fail_rate)", "InternalServerError")
         except VllmError as err:
             return JSONResponse(err.body(), status_code=err.status, headers={"x-emulator": EMULATOR})
+        verdict = self.oracle.apply(p, body) if self.oracle is not None else None
         choices = generate.choices(p, self.config, self.tokens, self.rng)
         prompts = generate.prompt_steps(p, self.tokens)
         rid = ("chatcmpl-" if chat else "cmpl-") + (p.request_id or uuid.uuid4().hex)
         headers = {"x-emulator": EMULATOR, "x-request-id": request.headers.get("x-request-id", rid)}
+        if verdict is not None:
+            headers["x-emulator-oracle"] = verdict
         if p.ignored:
             headers["x-emulator-ignored"] = ",".join(p.ignored)[:1000]
         if p.stream:

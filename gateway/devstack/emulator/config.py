@@ -33,8 +33,17 @@ class EmulatorConfig:
     reasoning_tokens: int = 0
     reasoning_field: Literal["reasoning", "reasoning_content"] = "reasoning"  # vLLM 0.32's name; older: _content
     think_in_content: bool = False
+    # The oracle (``oracle``): a graded prompt file whose prompts are answered right with probability ``accuracy``
+    # (decided by ``seed`` and the prompt); ``tool_error_rate``: the share of wrong tool answers that are invalid calls.
+    answers: str | None = None
+    accuracy: float = 1.0
+    tool_error_rate: float = 0.5
 
     def __post_init__(self) -> None:
+        for name in ("accuracy", "tool_error_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise ValueError(f"{name} must be between 0 and 1, got {value}")
         if self.reasoning_tokens < 0:
             raise ValueError(f"reasoning_tokens must be at least 0, got {self.reasoning_tokens}")
         if self.reasoning_field not in ("reasoning", "reasoning_content"):

@@ -1,11 +1,13 @@
 """The emulated model: what each choice says, token by token.
 
 Text is filler words (``output_tokens`` of them unless ``max_tokens`` is smaller, or exactly ``max_tokens`` with
-``ignore_eos``). A tool call's arguments and ``response_format`` content are a JSON value built to satisfy the schema
-(see ``tools``), as long as it takes; ``max_tokens`` cuts either short (``finish_reason: "length"``, as a real model
-cut short would be). Stop strings and stop token ids end a choice as in vLLM: the text stops before the stop string
-(or after it with ``include_stop_str_in_output``), ``finish_reason`` is ``"stop"`` and ``stop_reason`` the string or
-id; the token that completed it is counted. Every choice is seeded by ``seed`` and its index, so it is reproducible.
+``ignore_eos``), or the oracle's answer when it knows the prompt (``oracle``: its text or its tool call, cut short
+by ``max_tokens`` like any output, followed by filler with ``ignore_eos``). A tool call's arguments and
+``response_format`` content are a JSON value built to satisfy the schema (see ``tools``), as long as it takes;
+``max_tokens`` cuts either short (``finish_reason: "length"``, as a real model cut short would be). Stop strings and
+stop token ids end a choice as in vLLM: the text stops before the stop string (or after it with
+``include_stop_str_in_output``), ``finish_reason`` is ``"stop"`` and ``stop_reason`` the string or id; the token
+that completed it is counted. Every choice is seeded by ``seed`` and its index, so it is reproducible.
 
 Thinking (chat with ``--reasoning-tokens N``): the choice starts with N reasoning tokens of filler, then the answer.
 They count against ``max_tokens``: the answer gets what is left (at most ``output_tokens``), none at all when the
@@ -83,11 +85,18 @@ def _filler(count: int, tokens: TokenModel, rng: random.Random) -> list[int]:
 
 
 def _ids(
-    plan: Plan, cfg: EmulatorConfig, tokens: TokenModel, rng: random.Random, limit: int | None
+    plan: Plan, cfg: EmulatorConfig, tokens: TokenModel, rng: random.Random, limit: int | None, answer: str | None
 ) -> tuple[list[int], str]:
     """The answer's ids and finish reason, ``limit`` tokens at most (``max_tokens`` less the thinking)."""
     if limit == 0:
         return [], "length"
+    if answer is not None:  # the oracle's (see ``oracle``): its text, or a tool call's arguments
+        ids = tokens.encode(answer)
+        if limit is not None and plan.ignore_eos and not plan.tool and len(ids) < limit:
+            ids += _filler(limit - len(ids), tokens, rng)  # as a model told to ignore its end of text goes on
+        if limit is not None and len(ids) >= limit:
+            return ids[:limit], "length"
+        return ids, "tool_calls" if plan.tool_required else "stop"
     schema = plan.tool[1] if plan.tool else plan.schema
     if schema is not None:
         ids = tokens.encode(json.dumps(value_for(schema, rng)))
@@ -96,6 +105,24 @@ def _ids(
         return ids, "tool_calls" if plan.tool_required else "stop"
     count = limit if limit is not None and plan.ignore_eos else min(cfg.output_tokens, limit or cfg.output_tokens)
     return _filler(count, tokens, rng), "length" if limit is not None and count >= limit else "stop"
+
+
+def _pieces(ids: list[int], tokens: TokenModel) -> list[str]:
+    """Each token's text as a detokenizer streams it: a token that ends inside a character (byte-level BPE
+    splits Chinese) sends nothing until the character is whole, so the pieces join to the decoded text."""
+    pieces = [tokens.piece(i) for i in ids]
+    whole = tokens.decode(ids)
+    if "".join(pieces) == whole:
+        return pieces
+    out, sent = [], ""
+    for k in range(len(ids)):
+        text = tokens.decode(ids[: k + 1]) if k < len(ids) - 1 else whole
+        if text.endswith("\ufffd") and k < len(ids) - 1:
+            out.append("")
+            continue
+        out.append(text[len(sent) :])
+        sent = text
+    return out
 
 
 def _think(choice: Choice, thought: list[int], plan: Plan, tokens: TokenModel) -> None:
@@ -125,8 +152,9 @@ def choices(plan: Plan, cfg: EmulatorConfig, tokens: TokenModel, rng: random.Ran
             limit = plan.max_tokens
             thinking = plan.reasoning if limit is None else min(plan.reasoning, limit)
             # the answer is drawn first, so thinking does not change what a seeded choice answers
-            ids, finish = _ids(plan, cfg, tokens, own, None if limit is None else limit - thinking)
-            choice = Choice(index, p, ids, [tokens.piece(i) for i in ids], finish)
+            answer = plan.answers[p] if plan.answers else None
+            ids, finish = _ids(plan, cfg, tokens, own, None if limit is None else limit - thinking, answer)
+            choice = Choice(index, p, ids, _pieces(ids, tokens) if answer else [tokens.piece(i) for i in ids], finish)
             if thinking:
                 _think(choice, _filler(thinking, tokens, own), plan, tokens)
             if plan.stop or plan.stop_ids:

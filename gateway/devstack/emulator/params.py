@@ -98,6 +98,7 @@ class Plan:
     reasoning_field: str = "reasoning"
     show_reasoning: bool = True  # include_reasoning (false hides reasoning deltas and logprobs, as vLLM)
     think_tags: bool = False  # no parser: the thinking goes in the content, between <think> tags
+    answers: list[str | None] = field(default_factory=list)  # the oracle's, per prompt (None: filler as usual)
 
     @property
     def prompt_tokens(self) -> int:
