@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.compare.charts import pareto_front, scatter
-from gateway.compare.quality import accuracy, mcnemar_exact, paired_accuracy, wilson
+from gateway.compare.quality import accuracy, mcnemar_exact, paired_accuracy, usd, wilson
 from gateway.compare.report import write_report
 from gateway.compare.runs import PromptError, load_prompts
 from gateway.compare.stats import DASH
@@ -102,3 +102,70 @@ def test_graded_prompt_files(tmp_path: Path) -> None:
         load_prompts(str(bad))
     with pytest.raises(PromptError, match="no such set"):
         load_prompts("builtin-graded-fr")
+
+
+def test_gateway_compare_measures_each_oracles_accuracy_exactly(tmp_path: Path) -> None:
+    """Issue #16's done-when: ``gateway compare`` on the built-in graded sets against two oracle emulators (right
+    with probability 0.8 and 0.4, different seeds) finds each one's accuracy exactly equal to the oracle's realised
+    accuracy, computes the paired test and intervals, and its $ per correct answer is its cost columns' sum over its
+    correct answers."""
+    import csv
+    import subprocess
+    import sys
+
+    from gateway.app import create_app
+    from gateway.compare.runs import GRADED_DIR
+    from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
+    from gateway.devstack.emulator.oracle import is_correct
+    from tests.conftest import card, settings_for
+    from tests.servers import REPO, ThreadServer
+
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join((GRADED_DIR / f"{lang}.jsonl").read_text(encoding="utf-8") for lang in ("en", "zh")),
+                       encoding="utf-8")  # fmt: skip
+    oracles = {"good": (0.8, 11), "poor": (0.4, 12)}  # model: (accuracy, seed)
+    emulators = {
+        m: ThreadServer(
+            create_emulator_app(
+                EmulatorConfig(model=m, ttft_ms=5, itl_ms=1, answers=str(answers), accuracy=a, seed=seed)
+            )
+        )
+        for m, (a, seed) in oracles.items()
+    }
+    try:
+        for server in emulators.values():
+            server.__enter__()
+        settings = settings_for(
+            [{"name": f"{m}-b", "base_url": s.url, "models": [m]} for m, s in emulators.items()],
+            [card("good", "qwen3", "Alibaba", "CN", aliases=[]), card("poor", "llama", "Meta", "US", aliases=[])],
+        )
+        with ThreadServer(create_app(settings)) as gw:
+            done = subprocess.run(
+                [sys.executable, "-m", "gateway", "compare", "--gateway", gw.url, "--prompts", "builtin-graded",
+                 "--models", "good,poor", "--out", str(tmp_path / "out"), "--max-tokens", "256", "--concurrency", "4"],
+                cwd=REPO, capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+    finally:
+        for server in emulators.values():
+            server.__exit__()
+    assert done.returncode == 0, done.stdout + done.stderr
+    prompts = load_prompts("builtin-graded")
+    text_of = {p.id: p.messages[-1]["content"] for p in prompts}
+    with (tmp_path / "out" / "results.csv").open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * len(prompts) and all(r["error"] == "" for r in rows)
+    md = (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
+    for model, (acc, seed) in oracles.items():
+        mine = [r for r in rows if r["model"] == model]
+        truth = {r["prompt_id"]: int(is_correct(seed, text_of[r["prompt_id"]], acc)) for r in mine}
+        assert {r["prompt_id"]: int(r["correct"]) for r in mine} == truth  # every call graded as the oracle chose
+        right = sum(truth.values())
+        listed = sum(float(r["cost_list_usd"]) for r in mine) / right
+        lo, hi = wilson(right, len(mine))
+        row = next(x for x in md.splitlines() if x.startswith(f"| {model} | {len(mine)} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[:4] == [model, str(len(mine)), str(right), f"{right / len(mine) * 100:.1f}% "
+                             f"({lo * 100:.0f}{DASH}{hi * 100:.0f}%)"], cells  # fmt: skip
+        assert cells[5] == usd(listed), (cells, listed)  # list $ per correct answer
+    assert "McNemar exact p = " in md and "more accurate than poor" in md  # good vs the US baseline
+    assert (tmp_path / "out" / "report.html").read_text(encoding="utf-8").count('class="pareto"') >= 1
