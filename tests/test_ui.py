@@ -12,7 +12,7 @@ import itertools
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -461,3 +461,28 @@ def test_a_page_on_an_allowed_origin_calls_the_keyed_api(driver: WebDriver, keye
     driver.get(keyed.stranger)
     blocked = driver.execute_async_script(CROSS_ORIGIN_CALL, url, UI_KEY)
     assert blocked == {"failed": "TypeError: Failed to fetch"}
+
+
+def test_the_report_draws_accuracy_against_cost_with_the_pareto_front(driver: WebDriver, tmp_path: Path) -> None:
+    """#16: report.html, opened in the browser, shows both quality scatters; the Pareto front's dots are filled and
+    joined by a line, the dominated arm's dot is hollow, every dot carries its arm's name."""
+    from gateway.compare.report import write_report
+    from tests.test_quality import CARDS, results
+
+    rows = results()
+    rows += [replace(r, variant="slow", ttfat_s=0.9, correct=int(r.prompt_id in ("i0", "i1"))) for r in rows
+             if r.model == "q"]  # fmt: skip  # q+slow: less accurate than q, and slower: dominated
+    paths = write_report(rows, CARDS, tmp_path)
+    driver.get(paths.html.as_uri())
+    plots = driver.find_elements(By.CSS_SELECTOR, "svg.scatter")
+    assert len(plots) == 2 and all(p.is_displayed() and p.size["width"] > 300 for p in plots)
+    time_plot = plots[1]
+    front = {c.find_element(By.TAG_NAME, "title").get_attribute("textContent")
+             for c in time_plot.find_elements(By.CSS_SELECTOR, "circle.pareto")}  # fmt: skip
+    beaten = {c.find_element(By.TAG_NAME, "title").get_attribute("textContent")
+              for c in time_plot.find_elements(By.CSS_SELECTOR, "circle.point")}  # fmt: skip
+    assert front == {"q", "l"} and beaten == {"q+slow"}, (front, beaten)  # l: fastest; q: most accurate
+    assert time_plot.find_element(By.CSS_SELECTOR, "polyline.front").is_displayed()
+    dots = time_plot.find_elements(By.CSS_SELECTOR, "circle")
+    assert all(d.value_of_css_property("fill") != "none" for d in dots)
+    assert "Pareto front" in driver.find_element(By.TAG_NAME, "body").text

@@ -555,3 +555,33 @@ def test_think_tags_in_a_completions_text_are_told_apart_by_the_gateway(vllm: Vl
     ttfat = grown(before, after, "gateway_time_to_first_answer_token_seconds_sum", **labels)
     assert grown(before, after, "gateway_time_to_first_answer_token_seconds_count", **labels) == 1
     assert 0 < ttft < ttfat
+
+
+def test_the_english_graded_set_runs_end_to_end_on_real_vllm(vllm: VllmStack, tmp_path: Path) -> None:
+    """#16: the built-in graded set through the gateway to the three tiny random-weight models: every call answered
+    and graded (accuracy near 0, as random weights are), the tool prompts sent with their tools, the report's
+    accuracy table and scatter written."""
+    import csv
+    import subprocess
+    import sys
+
+    from tests.servers import REPO
+
+    out = tmp_path / "graded"
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "compare", "--gateway", vllm.url, "--prompts", "builtin-graded-en",
+         "--models", ",".join(MODELS), "--max-tokens", "8", "--concurrency", "3", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with (out / "results.csv").open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    graded = [r for r in rows if r["correct"] in ("0", "1")]
+    assert len(rows) == 3 * 48 and len(graded) == len(rows), [r["error"] for r in rows if r["error"]][:5]
+    accuracy = sum(int(r["correct"]) for r in graded) / len(graded)
+    assert accuracy <= 0.2, accuracy  # random weights: a lucky letter or number now and then, no more
+    kinds = {r["grade_detail"] for r in rows if r["prompt_category"] == "tool use"}
+    assert kinds & {"no_call", "invalid_json", "unknown_tool", "schema_mismatch"}, kinds
+    md = (out / "summary.md").read_text(encoding="utf-8")
+    assert all(f"| {m} | 48 |" in md for m in MODELS), md
+    assert (out / "report.html").read_text(encoding="utf-8").count('<svg class="plot scatter"') == 2
