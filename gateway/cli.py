@@ -127,7 +127,27 @@ def _up_parser(sub: Any) -> None:
 
 def _compare_parser(sub: Any) -> None:
     p = sub.add_parser("compare", help="run identical prompts against several models and write a report")
-    p.add_argument("--prompts", default="builtin", help="a JSONL file (prompt or messages per line) or 'builtin'")
+    p.add_argument(
+        "--prompts", default="builtin",
+        help="a JSONL file (prompt or messages per line, optionally expected + scorer), 'builtin' or 'builtin-graded'",
+    )  # fmt: skip
+    p.add_argument(
+        "--format",
+        default="jsonl",
+        choices=("jsonl", "gsm8k", "mmlu-csv"),
+        help="read --prompts as this public format (GSM8K question/answer JSONL, MMLU/CMMLU CSV)",
+    )
+    p.add_argument(
+        "--cache-bust",
+        action="store_true",
+        help="a unique system message opens every call, so no prefix cache favours a model",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed calls per arm before the run, left out of the results (default 1)",
+    )
     p.add_argument(
         "--models", default="all", help="comma-separated model ids or aliases (model+VARIANT for a variant), or 'all'"
     )
@@ -321,12 +341,14 @@ def compare_run(args: argparse.Namespace) -> int:
     from gateway.compare.store import Store
 
     url = args.gateway.rstrip("/").removesuffix("/v1")
-    if args.concurrency < 1 or args.repeat < 1 or args.max_tokens < 1:
-        print("error: --concurrency, --repeat and --max-tokens must be at least 1", file=sys.stderr)
+    if args.concurrency < 1 or args.repeat < 1 or args.max_tokens < 1 or args.warmup < 0:
+        print(
+            "error: --concurrency, --repeat and --max-tokens must be at least 1, --warmup at least 0", file=sys.stderr
+        )
         return 2
     api_key = os.environ.get(args.api_key_env) or None
     try:
-        prompts = compare.load_prompts(args.prompts)
+        prompts = compare.load_prompts(args.prompts, args.format)
         answer = httpx.get(f"{url}/v1/models", timeout=10, headers=compare.auth_headers(api_key))
         if answer.status_code == 401:
             why = f"refused the key in {args.api_key_env}" if api_key else f"needs an API key: set {args.api_key_env}"
@@ -356,7 +378,7 @@ def compare_run(args: argparse.Namespace) -> int:
     print(f"{len(prompts)} prompts x {len(models)} {what} x {args.repeat} -> {total} calls via {url}", flush=True)
     results = compare.run(
         url, models, prompts, max_tokens=args.max_tokens, concurrency=args.concurrency, repeat=args.repeat,
-        progress=compare.ProgressBar(), api_key=api_key,
+        progress=compare.ProgressBar(), api_key=api_key, cache_bust=args.cache_bust, warmup=args.warmup,
     )  # fmt: skip
     compare.add_list_cost(results, cards)
     args.out.mkdir(parents=True, exist_ok=True)

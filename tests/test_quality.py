@@ -169,3 +169,65 @@ def test_gateway_compare_measures_each_oracles_accuracy_exactly(tmp_path: Path) 
         assert cells[5] == usd(listed), (cells, listed)  # list $ per correct answer
     assert "McNemar exact p = " in md and "more accurate than poor" in md  # good vs the US baseline
     assert (tmp_path / "out" / "report.html").read_text(encoding="utf-8").count('class="pareto"') >= 1
+
+
+def test_public_formats_read_as_graded_prompts(tmp_path: Path) -> None:
+    """``--format gsm8k`` and ``--format mmlu-csv`` (MMLU's header-less rows, CMMLU's header and index column):
+    lines written here in those formats (no benchmark data) become number- and choice-graded prompts."""
+    gsm = tmp_path / "test.jsonl"
+    gsm.write_text(json.dumps({"question": "Ann has 3 bags of 12 pears. How many pears?",
+                               "answer": "3 x 12 = 36\n#### 36"}) + "\n"
+                   + json.dumps({"question": "A fee of 1,250 and another of 750. Total?",
+                                 "answer": "#### 2,000"}) + "\n", encoding="utf-8")  # fmt: skip
+    first, second = load_prompts(str(gsm), "gsm8k")
+    assert first.expectation is not None and first.expectation.expected == 36.0
+    assert second.expectation is not None and second.expectation.expected == 2000.0
+    assert "final answer as a number" in first.messages[-1]["content"]
+    mmlu = tmp_path / "astronomy_test.csv"
+    mmlu.write_text('What orbits the Earth?,The Sun,The Moon,Mars,Venus,B\n"Red, hot planet?",Mars,Pluto,Io,Ceres,A\n',
+                    encoding="utf-8")  # fmt: skip
+    a, b = load_prompts(str(mmlu), "mmlu-csv")
+    assert (a.category, a.expectation and a.expectation.expected, b.expectation and b.expectation.expected) == (
+        "astronomy_test",
+        "B",
+        "A",
+    )
+    assert "B. The Moon" in a.messages[-1]["content"] and "letter only" in a.messages[-1]["content"]
+    cmmlu = tmp_path / "chinese_history.csv"
+    cmmlu.write_text(",Question,A,B,C,D,Answer\n0,长城始建于哪个时期,春秋战国,唐朝,宋朝,清朝,A\n", encoding="utf-8")
+    (c,) = load_prompts(str(cmmlu), "mmlu-csv")
+    assert c.lang == "zh" and "只回答选项字母" in c.messages[-1]["content"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("q,a,b,c,d,E\n", encoding="utf-8")
+    with pytest.raises(PromptError, match=r"bad.csv:1: expected question"):
+        load_prompts(str(bad), "mmlu-csv")
+
+
+def test_cache_bust_and_warmup_and_cached_tokens(tmp_path: Path) -> None:
+    """``--cache-bust``: every call opens with its own system message (no shared prefix for any cache); the
+    warm-up calls reach the backend but not the results; a backend's ``cached_tokens`` is recorded."""
+    from gateway.app import create_app
+    from gateway.compare.runs import run
+    from tests.backends import Recorder
+    from tests.conftest import card, settings_for
+    from tests.servers import ThreadServer
+
+    def chunk(obj: dict[str, object]) -> bytes:
+        return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+    usage = {"prompt_tokens": 9, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 4}}
+    chunks = [chunk({"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]}),
+              chunk({"choices": [], "usage": usage}), b"data: [DONE]\n\n"]  # fmt: skip
+    backend = Recorder(chunks=chunks)
+    with ThreadServer(backend.app()) as b:
+        settings = settings_for([{"name": "b", "base_url": b.url, "models": ["m"]}],
+                                [card("m", "qwen3", "Alibaba", "CN", aliases=[])])  # fmt: skip
+        with ThreadServer(create_app(settings)) as gw:
+            prompts = load_prompts("builtin")[:3]
+            results = run(gw.url, ["m"], prompts, cache_bust=True, warmup=2, repeat=2)
+    assert len(results) == 6 and all(r.error is None for r in results)
+    assert all(r.cached_tokens == 4 and r.output_chars == 2 for r in results)
+    sent = [json.loads(body) for body, _ in backend.received]
+    assert len(sent) == 2 + 6  # the two warm-up calls reached the backend, and are not among the results
+    systems = [m["messages"][0]["content"] for m in sent]
+    assert all(s.startswith("Request ") for s in systems) and len(set(systems)) == len(sent)

@@ -223,7 +223,8 @@ def test_summary_markdown_escapes_model_family_and_origin(tmp_path: Path) -> Non
     assert "<img" not in md and "<b>" not in md
     assert "![pixel](" not in md and not re.search(r"(?<!\\)\]\(", md)  # a link needs an unescaped ](
     assert [x for x in lines if x.startswith("#")] == [
-        "# Tiny &lt;models&gt;", "## Per model", "## Accuracy", "## By origin", "## Paired comparisons",
+        "# Tiny &lt;models&gt;", "## Per model", "## Accuracy", "## Per character", "## By origin",
+        "## Paired comparisons",
         "## How to read this",
     ]  # fmt: skip
     # the per-model table keeps one line per model and as many cells as its header in every line

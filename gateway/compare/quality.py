@@ -248,3 +248,34 @@ class Markdown:
     table: list[list[str]]
     sentences: list[str]
     note: str = ""
+
+
+PER_CHAR_COLUMNS = ("output chars", "chars per token", "output chars/s p50", "GPU $/1M chars", "list $/1M chars",
+                    "cached prompt tokens")  # fmt: skip
+
+
+def per_character(by_arm: Mapping[str, Sequence[CallResult]], rows: Sequence[Any]) -> list[list[str]]:
+    """Per-character figures beside the per-token ones (tokenizers differ: the same Chinese text can be twice the
+    tokens in one as in another): characters generated, characters per token, each call's characters per second
+    after its first token (median), and $ per 1M characters (the $ per 1M tokens x tokens / characters). Also the
+    prompt tokens the backends served from their prefix cache, where they report them (a dash where none did).
+    Header first."""
+    out = [["arm", *PER_CHAR_COLUMNS]]
+    for row in rows:
+        good = [r for r in by_arm[row.name] if r.error is None]
+        chars, tokens = sum(r.output_chars for r in good), sum(r.completion_tokens for r in good)
+        speeds = [
+            r.output_chars / (r.e2e_s - r.ttft_s)
+            for r in good
+            if r.output_chars and r.e2e_s is not None and r.ttft_s is not None and r.e2e_s > r.ttft_s
+        ]
+        ratio = tokens / chars if chars else None
+        cached = [r.cached_tokens for r in good if r.cached_tokens is not None]
+        out.append([
+            row.name, str(chars), f"{chars / tokens:.2f}" if tokens else DASH,
+            f"{statistics.median(speeds):.1f}" if speeds else DASH,
+            usd(row.gpu_per_1m * ratio if row.gpu_per_1m is not None and ratio is not None else None),
+            usd(row.list_per_1m * ratio if row.list_per_1m is not None and ratio is not None else None),
+            str(sum(cached)) if cached else DASH,
+        ])  # fmt: skip
+    return out

@@ -323,7 +323,7 @@ def _md_table(rows: Sequence[Row], *, group: bool) -> list[str]:
 
 def render_markdown(
     title: str, when: str, rows: Sequence[Row], groups: Sequence[Row], comps: Sequence[Comparison],
-    accuracy: quality.Markdown | None = None,
+    accuracy: quality.Markdown | None = None, per_char: Sequence[Sequence[str]] = (),
 ) -> str:  # fmt: skip
     lines = [f"# {md_escape(title)}", "", f"Generated {when}.", "", "## Per model", ""]
     lines += _md_table(rows, group=False) if rows else ["No data."]
@@ -334,6 +334,9 @@ def render_markdown(
         lines += [f"- {md_escape(x)}" for x in accuracy.sentences]
     else:
         lines.append(md_escape(accuracy.note if accuracy is not None else quality.NO_GRADED))
+    if per_char:
+        lines += ["", "## Per character", "", _md_line(per_char[0]), _md_line("---" for _ in per_char[0])]
+        lines += [_md_line(r) for r in per_char[1:]]
     lines += ["", "## By origin", "", *_md_table(groups, group=True), "", "## Paired comparisons", ""]
     lines += [f"- {md_escape(c.sentence)}" for c in comps] or ["No data (fewer than two models)."]
     if empty := [r for r in rows if r.empty_answers]:
@@ -352,6 +355,11 @@ svg.plot text{font-size:12px;fill:#333}.grid{stroke:#ddd}.box{fill:#cfe0f5;strok
 .median{stroke:#123e7a;stroke-width:2}.dot{fill:#1f4e9a;fill-opacity:.55}.bar{fill:#5b8fd0}
 .point{fill:#fff;stroke:#5b8fd0;stroke-width:2}.pareto{fill:#1f4e9a}
 .front{fill:none;stroke:#1f4e9a;stroke-dasharray:4 3}"""
+
+
+def _per_char_table(cells: Sequence[Sequence[str]]) -> str:
+    head, *body = cells
+    return table(head, [[escape_html(c) for c in row] for row in body], numeric_from=1) if body else NO_DATA
 
 
 def _summary_table(rows: Sequence[Row], *, group: bool) -> str:
@@ -413,6 +421,7 @@ def render_html(
         ),
         ("Summary", _summary_table(rows, group=False)),
         ("Accuracy", accuracy),
+        ("Per character", _per_char_table(quality.per_character(_by_model(results), rows))),
         ("By origin: CN vs US", _summary_table(groups, group=True)),
         ("TTFT distribution", distribution("ttft_s")),
         ("Time to first answer token distribution", distribution("ttfat_s")),
@@ -449,6 +458,7 @@ def write_report(
     when = (generated_at or datetime.now(UTC)).strftime("%Y-%m-%d %H:%M:%S %Z").strip()
     paths = ReportPaths(out_dir / "results.csv", out_dir / "summary.md", out_dir / "report.html")
     write_csv(results, paths.csv)
-    paths.markdown.write_text(render_markdown(title, when, rows, groups, comps, quality_md), encoding="utf-8")
+    per_char = quality.per_character(_by_model(results), rows) if rows else []
+    paths.markdown.write_text(render_markdown(title, when, rows, groups, comps, quality_md, per_char), encoding="utf-8")
     paths.html.write_text(render_html(title, when, results, rows, groups, comps, quality_html), encoding="utf-8")
     return paths

@@ -14,7 +14,7 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from gateway.compare import formats
 from gateway.compare.arms import Arm
 from gateway.compare.grading import Answer, Expectation, ExpectationError, ToolCall, expectation_of, grade
 from gateway.compare.store import CallResult, measured
@@ -82,11 +83,20 @@ GRADED_DIR = Path(__file__).resolve().parent / "graded"
 GRADED_SETS = ("en", "zh")
 
 
-def load_prompts(source: str) -> list[Prompt]:
+def load_prompts(source: str, fmt: str = "jsonl") -> list[Prompt]:
     """``builtin``, ``builtin-graded`` (the graded sets in English and Chinese, ``builtin-graded-en`` or ``-zh``
     for one), or a JSONL file: one object per line with ``prompt`` (text) or ``messages``, and optionally ``id``,
     ``category``, ``lang``, ``max_tokens`` and, to grade its answers, ``expected`` and ``scorer`` (with ``schema``,
-    ``tools`` or ``tolerance`` as the scorer needs: ``gateway.compare.grading``)."""
+    ``tools`` or ``tolerance`` as the scorer needs: ``gateway.compare.grading``). ``fmt`` reads a public
+    benchmark's file instead (``gsm8k``, ``mmlu-csv``: ``gateway.compare.formats``)."""
+    if fmt != "jsonl":
+        try:
+            lines = formats.read(Path(source), fmt)
+        except OSError as exc:
+            raise PromptError(f"{source}: cannot read: {exc.strerror or exc}") from None
+        except formats.FormatError as exc:
+            raise PromptError(str(exc)) from None
+        return _prompts(Path(source), enumerate(lines, 1))
     if source == "builtin":
         return builtin_prompts()
     if source.startswith("builtin-graded"):
@@ -102,14 +112,20 @@ def _load_file(path: Path) -> list[Prompt]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise PromptError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    prompts: list[Prompt] = []
+    parsed: list[tuple[int, Any]] = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            parsed.append((n, json.loads(line)))
         except ValueError as exc:
             raise PromptError(f"{path}:{n}: not JSON: {exc}") from None
+    return _prompts(path, parsed)
+
+
+def _prompts(path: Path, lines: Iterable[tuple[int, Any]]) -> list[Prompt]:
+    prompts: list[Prompt] = []
+    for n, obj in lines:
         if not isinstance(obj, dict):
             raise PromptError(f"{path}:{n}: expected an object")
         messages = obj.get("messages")
@@ -137,12 +153,17 @@ def _load_file(path: Path) -> list[Prompt]:
 
 async def call(
     client: httpx.AsyncClient, url: str, arm: Arm | str, prompt: Prompt, max_tokens: int, comparison_id: str,
-    repeat: int,
+    repeat: int, *, cache_bust: bool = False,
 ) -> CallResult:  # fmt: skip
-    """One streamed call of ``arm`` (a model, or a model with a variant's fields laid over the request)."""
+    """One streamed call of ``arm`` (a model, or a model with a variant's fields laid over the request).
+    ``cache_bust`` opens the conversation with a system message holding a random id, unique to this call: no
+    backend can serve this prompt's prefix from its cache, whichever arm asked before."""
     arm = Arm(arm) if isinstance(arm, str) else arm
     model = arm.model
-    base: dict[str, Any] = {"messages": prompt.messages, "max_tokens": prompt.max_tokens or max_tokens,
+    messages = prompt.messages
+    if cache_bust:
+        messages = [{"role": "system", "content": f"Request {uuid.uuid4().hex}."}, *messages]
+    base: dict[str, Any] = {"messages": messages, "max_tokens": prompt.max_tokens or max_tokens,
                             "temperature": 0.0, "seed": repeat}  # fmt: skip
     if prompt.tools:
         base.update(tools=prompt.tools, tool_choice="auto")
@@ -226,9 +247,13 @@ async def run_async(
     comparison_id: str | None = None,
     progress: Callable[[int, int, int, float], None] | None = None,
     api_key: str | None = None,
+    cache_bust: bool = False,
+    warmup: int = 0,
 ) -> list[CallResult]:
     """Every (prompt, repeat) to every arm (a model name, or an ``Arm``); at most ``concurrency`` calls at once, in
-    prompt-major order so every arm meets the same load."""
+    prompt-major order so every arm meets the same load. First, ``warmup`` calls per arm with the first prompt,
+    all arms at once, whose results are dropped (a backend's first calls pay for loading, compiling and warming
+    caches that later calls do not)."""
     cid = comparison_id or f"run-{uuid.uuid4().hex[:12]}"
     arms = [Arm(m) if isinstance(m, str) else m for m in models]
     jobs = [(p, r, a) for r in range(repeat) for p in prompts for a in arms]
@@ -240,10 +265,13 @@ async def run_async(
     if progress:
         progress(0, len(jobs), 0, started)
     async with httpx.AsyncClient(timeout=timeout, limits=limits, headers=auth_headers(api_key)) as client:
+        if warmup > 0 and prompts:
+            await asyncio.gather(*(call(client, url, a, prompts[0], max_tokens, "warmup", 0, cache_bust=True)
+                                   for _ in range(warmup) for a in arms))  # fmt: skip
 
         async def one(prompt: Prompt, rep: int, arm: Arm) -> None:
             async with gate:
-                result = await call(client, url, arm, prompt, max_tokens, cid, rep)
+                result = await call(client, url, arm, prompt, max_tokens, cid, rep, cache_bust=cache_bust)
             results.append(result)
             if progress:
                 progress(len(results), len(jobs), sum(1 for r in results if r.error), started)

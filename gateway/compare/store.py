@@ -41,6 +41,8 @@ prompt_lang        TEXT     the prompt's language, when its file says ("en", "zh
 correct            INTEGER  1 or 0 for a graded prompt's answer (gateway.compare.grading), NULL when not graded
 score              REAL     the grader's score (1.0 or 0.0 today), NULL when not graded
 grade_detail       TEXT     why a graded answer is wrong (or which tool-call failure: no_call, invalid_json, ...)
+cached_tokens      INTEGER  prompt tokens the backend served from its prefix cache, when it reports them (NULL if not)
+output_chars       INTEGER  characters generated (answer and reasoning), for per-character figures (tokenizers differ)
 =================  =======  ===============================================================================
 
 Columns added after a store file was created are added to it when it is opened (``ALTER TABLE ... ADD COLUMN``),
@@ -97,6 +99,8 @@ class CallResult:
     correct: int | None = None
     score: float | None = None
     grade_detail: str = ""
+    cached_tokens: int | None = None
+    output_chars: int = 0
 
     @property
     def ok(self) -> bool:
@@ -168,6 +172,8 @@ def measured(
         empty_answer=int(error is None and observer.empty_answer),
         think_in_content=int(observer.think_in_content),
         reasoning_text=reasoning,
+        cached_tokens=observer.cached_reported,
+        output_chars=len("".join(observer.text)) + len("".join(observer.reasoning_text)),
     )
 
 
@@ -184,11 +190,12 @@ _TYPES = {
     "ttft_s": "REAL", "tpot_s": "REAL", "e2e_s": "REAL", "output_tps": "REAL", "cost_gpu_usd": "REAL",
     "cost_list_usd": "REAL", "ttfat_s": "REAL", "reasoning_s": "REAL", "reasoning_tokens": "INTEGER",
     "answer_tokens": "INTEGER", "empty_answer": "INTEGER", "think_in_content": "INTEGER", "correct": "INTEGER",
-    "score": "REAL",
+    "score": "REAL", "cached_tokens": "INTEGER", "output_chars": "INTEGER",
 }  # fmt: skip
 # What a column added later reads as in the rows stored before it existed (NULL when not listed).
 _DEFAULTS = {"variant": "''", "reasoning_tokens": "0", "reasoning_source": "''", "answer_tokens": "0",
-             "empty_answer": "0", "think_in_content": "0", "prompt_lang": "''", "grade_detail": "''"}  # fmt: skip
+             "empty_answer": "0", "think_in_content": "0", "prompt_lang": "''", "grade_detail": "''",
+             "output_chars": "0"}  # fmt: skip
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS results (id INTEGER PRIMARY KEY AUTOINCREMENT, "
     + ", ".join(f"{c} {_TYPES.get(c, 'TEXT')}" for c in COLUMNS)

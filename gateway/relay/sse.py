@@ -137,6 +137,15 @@ def read_usage(obj: Any) -> Usage | None:
     )
 
 
+def cached_tokens_of(obj: Any) -> int | None:
+    """``usage.prompt_tokens_details.cached_tokens`` (prompt tokens served from the prefix cache), when the backend
+    reports it (vLLM does with ``--enable-prompt-tokens-details``), or None."""
+    usage = obj.get("usage") if isinstance(obj, dict) else None
+    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+    value = details.get("cached_tokens") if isinstance(details, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def reasoning_tokens_of(obj: Any) -> int | None:
     """``usage.completion_tokens_details.reasoning_tokens`` (vLLM reports it when started with a reasoning
     parser), or None."""
@@ -248,6 +257,7 @@ class StreamObserver:
     reasoning_chunks: int = 0
     answer_chunks: int = 0
     reasoning_reported: int | None = None  # usage.completion_tokens_details.reasoning_tokens
+    cached_reported: int | None = None  # usage.prompt_tokens_details.cached_tokens
     think_in_content: bool = False  # <think> tags were found in the content (a server without a reasoning parser)
     whole_answer: bool = False  # a non-streaming answer had answer content (no times to tell it by)
     whole_reasoning: bool = False  # ... and reasoning
@@ -312,6 +322,7 @@ class StreamObserver:
         if usage is not None:
             self.usage = usage
             self.reasoning_reported = reasoning_tokens_of(obj)
+            self.cached_reported = cached_tokens_of(obj)
         choices = obj.get("choices")
         if not isinstance(choices, list) or not choices:
             return usage is not None
@@ -340,6 +351,7 @@ class StreamObserver:
             return
         self.usage = read_usage(obj)
         self.reasoning_reported = reasoning_tokens_of(obj)
+        self.cached_reported = cached_tokens_of(obj)
         choices = obj.get("choices")
         for choice in choices if isinstance(choices, list) else []:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
