@@ -73,6 +73,9 @@ NO_BACKEND = "none"  # backend label of a request that never reached a backend
 # Why a result row was not stored (gateway.compare.writer): the writer's queue was full, SQLite refused the write,
 # or the gateway stopped before the row could be written.
 STORE_DROP_REASONS = ("queue_full", "write_failed", "stopped")
+# How an answer failed the structure its request asked for (gateway.relay.validity says when each applies).
+TOOL_ERRORS = ("no_call", "unknown_tool", "invalid_json", "schema_mismatch")
+STRUCTURED_ERRORS = ("invalid_json", "schema_mismatch")
 
 
 @dataclass(slots=True)
@@ -188,6 +191,29 @@ class Metrics:
             "gateway_empty_answers",
             "Successful calls that ended with no answer (no content, text or tool call), e.g. thinking used the whole"
             " max_tokens.", mb, registry=registry,
+        )  # fmt: skip
+        # Validity of answers to requests that asked for tool calls or JSON (gateway.relay.validity).
+        self.tool_call_checks = Counter(
+            "gateway_tool_call_checks",
+            "Successful calls with tools whose answer was checked (the denominator of the tool-call error ratio).",
+            mb, registry=registry,
+        )  # fmt: skip
+        self.tool_call_errors = Counter(
+            "gateway_tool_call_errors",
+            "Invalid tool calls in checked answers, by kind: no_call (tool_choice required or named), unknown_tool,"
+            " invalid_json (arguments), schema_mismatch (arguments vs the tool's parameters).",
+            ("model", "backend", "kind"), registry=registry,
+        )  # fmt: skip
+        self.structured_output_checks = Counter(
+            "gateway_structured_output_checks",
+            "Successful calls with response_format json_object/json_schema whose content was checked.",
+            mb, registry=registry,
+        )  # fmt: skip
+        self.structured_output_errors = Counter(
+            "gateway_structured_output_errors",
+            "Checked answers whose content is not JSON (invalid_json) or not valid against the response_format's"
+            " schema (schema_mismatch).",
+            ("model", "backend", "kind"), registry=registry,
         )  # fmt: skip
         self.overhead = Histogram(
             "gateway_overhead_seconds",
@@ -338,6 +364,12 @@ class Metrics:
             for model in backend.models:
                 self.backend_info.labels(backend.name, model).set(1)
                 self.series(model, backend.name)
+                self.tool_call_checks.labels(model, backend.name)
+                self.structured_output_checks.labels(model, backend.name)
+                for kind in TOOL_ERRORS:
+                    self.tool_call_errors.labels(model, backend.name, kind)
+                for kind in STRUCTURED_ERRORS:
+                    self.structured_output_errors.labels(model, backend.name, kind)
                 self.queued.labels(model)
                 self.retries_denied.labels(model)
                 for endpoint in ENDPOINTS:

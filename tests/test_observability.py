@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -187,10 +188,10 @@ def rule_problems(base: str) -> list[str]:
 
 @contextlib.contextmanager
 def observed(
-    tmp_path: Path, ttft_ms: float = 20, itl_ms: float = 2, tokens: int = 8, thinking: int = 0
+    tmp_path: Path, ttft_ms: float = 20, itl_ms: float = 2, tokens: int = 8, thinking: int = 0, **oracle: Any
 ) -> Iterator[tuple[str, str]]:
     """Three emulated models (jitter-free: each first token ``ttft_ms`` and each gap ``itl_ms`` after the request;
-    the first thinks ``thinking`` tokens before its answer),
+    the first thinks ``thinking`` tokens before its answer; ``oracle``: the emulators' answers file and accuracies),
     a gateway in front, and a real Prometheus scraping all four with the project's rules: (the gateway's URL,
     Prometheus' URL)."""
     servers: list[ThreadServer] = []
@@ -199,7 +200,7 @@ def observed(
         for model, *_, backend in MODELS:
             think = thinking if model == MODELS[0][0] else 0  # the first model (Qwen3's place) thinks, if asked
             cfg = EmulatorConfig(model=model, ttft_ms=ttft_ms, itl_ms=itl_ms, output_tokens=tokens,
-                                 reasoning_tokens=think)  # fmt: skip
+                                 reasoning_tokens=think, **oracle)  # fmt: skip
             servers.append(ThreadServer(create_emulator_app(cfg)).__enter__())
             vllm[backend] = f"127.0.0.1:{servers[-1].port}"
         settings = settings_for(
@@ -348,3 +349,50 @@ def test_reasoning_rules_show_a_thinking_model_apart(tmp_path: Path) -> None:
         assert share[model] == 0 and empty[model] == 0, (share, empty)
     # by origin: CN pools the thinker with a model that does not think (same tokens, 16 answer tokens more)
     assert origin["CN"] == pytest.approx(60 / (76 + 32), rel=0.01) and origin["US"] == 0, origin
+
+
+def test_the_validity_panel_shows_invalid_tool_calls_by_model_and_kind(tmp_path: Path) -> None:
+    """#16 item 5 on a real Prometheus: oracle emulators answer the graded set's tool prompts with invalid calls
+    only; the Validity panel's query reads them by model and kind, adding up to the calls made, and the alert's
+    ratio (invalid calls per checked call) is 1 for every model."""
+    graded = REPO / "gateway" / "compare" / "graded" / "en.jsonl"
+    items = [json.loads(line) for line in graded.read_text(encoding="utf-8").splitlines() if line.strip()]
+    tool_items = [i for i in items if i.get("scorer") == "tool_call"]
+    panel = next(p for p in dashboards.PANELS if p.title.startswith("Tool-call and structured-output errors"))
+    tool_query = grafana_to_promql(panel.queries[0].expr).replace("[1m]", "[10m]")  # one burst: rate over it all
+    with observed(tmp_path, answers=str(graded), accuracy=0.0, tool_error_rate=1.0) as (gw, prom):
+        with httpx.Client(base_url=f"{gw}/v1", timeout=30) as client:
+            for model, *_ in MODELS:
+                for n, item in enumerate(tool_items):
+                    body = {"model": model, "messages": [{"role": "user", "content": item["prompt"]}],
+                            "tools": item["tools"], "stream": n % 2 == 0}  # fmt: skip
+                    assert client.post("/chat/completions", json=body).status_code == 200
+
+        def query(expr: str) -> list[dict[str, Any]]:
+            result: list[dict[str, Any]] = httpx.get(f"{prom}/api/v1/query", params={"query": expr}).json()["data"][
+                "result"
+            ]
+            return result
+
+        deadline = time.monotonic() + SETTLE_S
+        total = "sum by (model) (gateway_tool_call_errors_total)"
+        while {s["metric"]["model"]: float(s["value"][1]) for s in query(total)} != {
+            m: float(len(tool_items)) for m, *_ in MODELS
+        }:
+            assert time.monotonic() < deadline, query(total)
+            time.sleep(0.5)
+        rates = query(tool_query)
+        ratio = query(
+            "sum by (model) (rate(gateway_tool_call_errors_total[10m]))"
+            " / sum by (model) (rate(gateway_tool_call_checks_total[10m]))"
+        )
+    by_model: dict[str, float] = {}
+    for s in rates:
+        assert s["metric"]["kind"] in ("no_call", "unknown_tool", "invalid_json", "schema_mismatch"), s
+        by_model[s["metric"]["model"]] = by_model.get(s["metric"]["model"], 0.0) + float(s["value"][1])
+    assert set(by_model) == EXPECTED["model"] and all(v > 0 for v in by_model.values()), rates
+    kinds = {s["metric"]["kind"] for s in rates if float(s["value"][1]) > 0}
+    assert {"unknown_tool", "invalid_json", "schema_mismatch"} <= kinds, rates
+    assert {s["metric"]["model"]: float(s["value"][1]) for s in ratio} == pytest.approx(
+        dict.fromkeys(EXPECTED["model"], 1.0)
+    )

@@ -30,6 +30,7 @@ from gateway.relay.proxy import (
     server_timing,
 )
 from gateway.relay.sse import StreamObserver, read_usage
+from gateway.relay.validity import contract_of
 from gateway.state import Gateway
 
 router = APIRouter()
@@ -122,6 +123,7 @@ async def proxy(gw: Gateway, request: Request, endpoint: Endpoint) -> Response:
             ex.prompt_estimate = parsed.prompt_estimate
             ex.limit_headers = client.headers()
         ex.pair_id = gw.mirror.maybe(ex, parsed.body, endpoint)
+        ex.contract = contract_of(parsed.body)
         headers = {
             "content-type": "application/json",
             "x-request-id": ex.request_id,
@@ -161,7 +163,9 @@ async def proxy(gw: Gateway, request: Request, endpoint: Endpoint) -> Response:
     if content is None:
         inline = gw.settings.gateway.relay_inline
         strip = not parsed.client_wants_usage
-        return RelayResponse(ex, upstream, gw.recorder, watch, strip_usage=strip, keep_text=ex.keep_text, inline=inline)
+        return RelayResponse(
+            ex, upstream, gw.recorder, watch, strip_usage=strip, keep_text=ex.keeps_answer, inline=inline
+        )
     watch.close()
     done = time.perf_counter()
     status = upstream.response.status_code
@@ -173,7 +177,7 @@ async def proxy(gw: Gateway, request: Request, endpoint: Endpoint) -> Response:
         return _failed(gw, ex, UpstreamBadResponse(f"backend {ex.backend} sent a body that is not JSON"))
     e2e = done - ex.t0
     # what the answer says of itself: reasoning and answer, finish reason, and (stored with its mirrors) its text
-    observer = StreamObserver(t0=ex.t0, keep_text=ex.keep_text)
+    observer = StreamObserver(t0=ex.t0, keep_text=ex.keeps_answer)
     observer.observe_answer(answer)
     written = upstream.response.written
     ex.overhead = written - ex.t0 + time.perf_counter() - done

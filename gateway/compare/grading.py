@@ -41,6 +41,7 @@ from typing import Any
 import jsonschema
 
 from gateway.relay.sse import split_answer
+from gateway.relay.validity import tool_call_error
 
 SCORERS = ("exact", "contains", "regex", "number", "choice", "json_schema", "tool_call", "judge")
 TOOL_ERRORS = ("no_call", "invalid_json", "unknown_tool", "schema_mismatch", "wrong_call")
@@ -242,25 +243,27 @@ def _grade_tool_call(exp: Expectation, answer: Answer) -> Grade:
     if not answer.tool_calls:
         return Grade(False, 0.0, "no tool call", "no_call")
     call = answer.tool_calls[0]
-    tools = {t["function"]["name"]: t["function"] for t in exp.tools}
-    if call.name not in tools:
-        return Grade(False, 0.0, f"unknown tool {call.name!r}", "unknown_tool")
-    try:
-        arguments = json.loads(call.arguments or "{}")
-    except ValueError:
-        return Grade(False, 0.0, "arguments are not JSON", "invalid_json")
-    schema = tools[call.name].get("parameters") or {}
-    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(arguments))
-    if errors:
-        return Grade(False, 0.0, f"arguments: {errors[0].message}", "schema_mismatch")
+    tools = {t["function"]["name"]: t["function"].get("parameters") or {} for t in exp.tools}
+    kind = tool_call_error(tools, call.name, call.arguments)  # the relay's own check of live calls
+    if kind is not None:
+        return Grade(False, 0.0, _TOOL_DETAIL[kind].format(name=call.name), kind)
+    arguments = json.loads(call.arguments or "{}")
     wanted = exp.expected
     if isinstance(wanted, dict):
         if call.name != wanted["name"]:
             return Grade(False, 0.0, f"called {call.name}, expected {wanted['name']}", "wrong_call")
         want_args = wanted.get("arguments")
-        if isinstance(want_args, dict) and any(arguments.get(k) != v for k, v in want_args.items()):
+        if isinstance(want_args, dict) and (not isinstance(arguments, dict) or
+                                            any(arguments.get(k) != v for k, v in want_args.items())):  # fmt: skip
             return Grade(False, 0.0, "arguments differ from the expected ones", "wrong_call")
     return Grade(True, 1.0)
+
+
+_TOOL_DETAIL = {
+    "unknown_tool": "unknown tool {name!r}",
+    "invalid_json": "arguments are not JSON",
+    "schema_mismatch": "arguments do not match the parameters of {name}",
+}
 
 
 def _result(ok: bool, why: str) -> Grade:

@@ -43,6 +43,7 @@ from gateway.protocol import Endpoint
 from gateway.relay.asgi import ClientWatch, send_now
 from gateway.relay.backends import Upstream, close_upstream, read_body
 from gateway.relay.sse import SSEFramer, StreamObserver, Usage
+from gateway.relay.validity import Contract, check
 
 log = logging.getLogger("gateway.relay.proxy")
 
@@ -67,6 +68,12 @@ class Exchange:
     prompt_estimate: int = 0  # the prompt's tokens as estimated at admission (charged if no usage ever comes)
     limit_headers: dict[str, str] | None = None  # x-ratelimit-* for the response
     overhead: float | None = None  # seconds spent inside the gateway, once the first token (or the body) went out
+    contract: Contract | None = None  # the request asked for tool calls or JSON: its answer is kept and checked
+
+    @property
+    def keeps_answer(self) -> bool:
+        """The observer keeps the answer (parses every chunk): for the store, or to check it against the contract."""
+        return self.keep_text or self.contract is not None
 
 
 PairHook = Callable[[str, Exchange, int, float | None, Usage | None, StreamObserver | None], None]
@@ -107,6 +114,8 @@ class Recorder:
         elif status != 200:
             return
         s = m.series(ex.model, ex.backend)
+        if ex.contract is not None and observer is not None and status == 200:
+            _check(m, ex, ex.contract, observer)
         if ex.overhead is not None:
             s.overhead.observe(ex.overhead)
         if e2e is not None and status == 200:
@@ -135,6 +144,22 @@ class Recorder:
                 s.answer_tokens.inc(observer.answer_tokens(usage.completion_tokens))
             if ex.card is not None and ex.card.list_price is not None:
                 s.cost_list_price.inc(list_price_usd(ex.card.list_price, usage.prompt_tokens, usage.completion_tokens))
+
+
+def _check(m: Metrics, ex: Exchange, contract: Contract, observer: StreamObserver) -> None:
+    """Count what the finished answer got wrong (``gateway.relay.validity``); a cut answer is not judged."""
+    if observer.finish_reason == "length":
+        return
+    calls = [(name, arguments) for name, arguments in (observer.tool_calls[i] for i in sorted(observer.tool_calls))]
+    verdict = check(contract, "".join(observer.text), calls)
+    if contract.tools:
+        m.tool_call_checks.labels(ex.model, ex.backend).inc()
+        for kind in verdict.tool_errors:
+            m.tool_call_errors.labels(ex.model, ex.backend, kind).inc()
+    if contract.json and not calls:
+        m.structured_output_checks.labels(ex.model, ex.backend).inc()
+        if verdict.structured_error is not None:
+            m.structured_output_errors.labels(ex.model, ex.backend, verdict.structured_error).inc()
 
 
 def settle(ex: Exchange, status: int, delivered: Usage | None) -> None:

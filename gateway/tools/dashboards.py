@@ -178,6 +178,14 @@ def _gateway() -> list[Panel]:
         Panel(d, "Backends", "GPU cost per hour by backend",
               (Query("max by (backend) (gateway_backend_cost_per_hour_usd)", "{{backend}}", ("backend",)),),
               "currencyUSD"),
+        Panel(d, "Validity", "Tool-call and structured-output errors/s by model and kind",
+              (Query(f"sum by (model, kind) (rate(gateway_tool_call_errors_total{M}[{RATE}]))",
+                     "{{model}} tool call {{kind}}", ("model", "kind")),
+               Query(f"sum by (model, kind) (rate(gateway_structured_output_errors_total{M}[{RATE}]))",
+                     "{{model}} structured output {{kind}}", ("model", "kind"))), "short",
+              "Answers to requests with tools or response_format that broke it, checked after the call ended: "
+              "no_call (a call was required), unknown_tool, invalid_json, schema_mismatch. Alerts: "
+              "GatewayToolCallErrors, GatewayStructuredOutputErrors (over 5% of checked calls for 10 minutes)."),
         Panel(d, "Overhead", "Mean TTFT: gateway vs vLLM",
               (Query(gw_ttft, "{{model}} gateway", ("model",)), Query(vllm_ttft, "{{model}} vLLM", ("model",))),
               "s", "vLLM starts its clock at tokenization, the gateway at receipt of the request."),
