@@ -162,6 +162,7 @@ def _compare_parser(sub: Any) -> None:
     p.add_argument("--repeat", type=int, default=1, help="times each prompt is sent to each model")
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens unless a prompt sets its own")
     p.add_argument("--baseline", help="model the others are compared with (default: the first US model)")
+    p.add_argument("--judge", metavar="MODEL", help="a served model that compares each pair of answers, both orders")
     p.add_argument(
         "--api-key-env",
         default="GATEWAY_API_KEY",
@@ -335,7 +336,7 @@ def up(args: argparse.Namespace) -> int:
 
 
 def compare_run(args: argparse.Namespace) -> int:
-    from gateway.compare import report
+    from gateway.compare import judge, report
     from gateway.compare import runs as compare
     from gateway.compare.arms import ArmError, arms, parse_variant_option
     from gateway.compare.store import Store
@@ -372,6 +373,15 @@ def compare_run(args: argparse.Namespace) -> int:
         served = f"; the gateway serves {', '.join(sorted(names))}" if exc.unknown_model else ""
         print(f"error: {exc}{served}", file=sys.stderr)
         return 2
+    judge_model = names.get(args.judge) if args.judge else None
+    if args.judge and judge_model is None:
+        print(
+            f"error: --judge {args.judge}: not served; the gateway serves {', '.join(sorted(names))}", file=sys.stderr
+        )
+        return 2
+    self_judged = judge_model in {arm.model for arm in models}
+    if self_judged:
+        print(f"note: the judge {judge_model} is also compared; {judge.SELF_JUDGING_NOTE}", file=sys.stderr)
     cards = compare.fetch_cards(url, api_key)
     total = len(models) * len(prompts) * args.repeat
     what = "arms" if variants else "models"
@@ -385,10 +395,20 @@ def compare_run(args: argparse.Namespace) -> int:
     store = Store(args.out / "results.sqlite")
     store.add(results)
     store.close()
-    paths = report.write_report(results, cards, args.out, baseline=args.baseline)
+    judging = None
+    if judge_model is not None:
+        print(f"judging {len(judge.pairs(results))} pairs of answers with {judge_model}, both orders", flush=True)
+        judgements = judge.judge_run(
+            url, judge_model, results, {p.id: p.messages for p in prompts}, concurrency=args.concurrency,
+            api_key=api_key,
+        )  # fmt: skip
+        judge.store_judgements(args.out / "results.sqlite", judgements)
+        judging = judge.Judging(judge_model, judgements, self_judged)
+    paths = report.write_report(results, cards, args.out, baseline=args.baseline, judging=judging)
     print()
     print(compare.table(results, cards))
-    print(f"\nwrote {paths.html}, {paths.csv}, {paths.markdown} and {args.out / 'results.sqlite'}")
+    extra = ", judgements.csv" if judging else ""
+    print(f"\nwrote {paths.html}, {paths.csv}, {paths.markdown}{extra} and {args.out / 'results.sqlite'}")
     failed = sum(1 for r in results if r.error)
     return 1 if failed == len(results) else 0
 

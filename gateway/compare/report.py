@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway.compare import quality
+from gateway.compare import judge, quality
 from gateway.compare.answers import answers, table
 from gateway.compare.charts import bar_chart, escape_html, strip_plot
 from gateway.compare.stats import (
@@ -323,7 +323,8 @@ def _md_table(rows: Sequence[Row], *, group: bool) -> list[str]:
 
 def render_markdown(
     title: str, when: str, rows: Sequence[Row], groups: Sequence[Row], comps: Sequence[Comparison],
-    accuracy: quality.Markdown | None = None, per_char: Sequence[Sequence[str]] = (),
+    accuracy: quality.Markdown | None = None, judged: judge.Section | None = None,
+    per_char: Sequence[Sequence[str]] = (),
 ) -> str:  # fmt: skip
     lines = [f"# {md_escape(title)}", "", f"Generated {when}.", "", "## Per model", ""]
     lines += _md_table(rows, group=False) if rows else ["No data."]
@@ -343,6 +344,10 @@ def render_markdown(
         lines += ["", "## Empty answers", ""]
         lines += [f"- {md_escape(r.name)}: {r.empty_answers} of {r.ok} successful calls ended with no answer (the "
                   "thinking used the whole max_tokens)." for r in empty]  # fmt: skip
+    if judged is not None:
+        lines += ["", "## Pairwise judging", "", *(md_escape(s) + "\n" for s in judged.sentences)]
+        for head, *body in judged.tables:
+            lines += [_md_line(head), _md_line("---" for _ in head), *(_md_line(r) for r in body), ""]
     lines += ["", "## How to read this", "", DEFINITIONS, "", GPU_NOTE, ""]
     return "\n".join(lines)
 
@@ -401,7 +406,7 @@ def _cost_section(rows: Sequence[Row]) -> str:
 
 def render_html(
     title: str, when: str, results: Sequence[CallResult], rows: Sequence[Row], groups: Sequence[Row],
-    comps: Sequence[Comparison], accuracy: str = NO_DATA,
+    comps: Sequence[Comparison], accuracy: str = NO_DATA, judged: str | None = None,
 ) -> str:  # fmt: skip
     by_model = _by_model(results)
     models = [r.name for r in rows]
@@ -429,6 +434,7 @@ def render_html(
         ("Output speed", bar_chart("output tok/s = 1 / median TPOT", speed, "tok/s", _num) if rows else NO_DATA),
         ("Cost per 1M output tokens", _cost_section(rows)),
         ("Paired comparisons", _comparison_section(comps)),
+        *([("Pairwise judging", judged)] if judged is not None else []),
         ("Answers side by side", answers(results, models)),
     ]
     body = "".join(f"<section><h2>{escape_html(h)}</h2>{content}</section>" for h, content in sections)
@@ -448,8 +454,10 @@ def write_report(
     title: str = DEFAULT_TITLE,
     baseline: str | None = None,
     generated_at: datetime | None = None,
+    judging: judge.Judging | None = None,
 ) -> ReportPaths:
-    """Write results.csv, summary.md and report.html into ``out_dir`` (created if needed) and return their paths."""
+    """Write results.csv, summary.md and report.html into ``out_dir`` (created if needed) and return their paths;
+    with ``judging``, judgements.csv too and a pairwise-judging section (``gateway.compare.judge``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = model_rows(results, cards)
     groups = origin_rows(results, rows)
@@ -458,7 +466,13 @@ def write_report(
     when = (generated_at or datetime.now(UTC)).strftime("%Y-%m-%d %H:%M:%S %Z").strip()
     paths = ReportPaths(out_dir / "results.csv", out_dir / "summary.md", out_dir / "report.html")
     write_csv(results, paths.csv)
+    judged = judge.section(judging) if judging is not None else None
+    if judging is not None:
+        with (out_dir / "judgements.csv").open("w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([csv_cell(c) for c in row] for row in judge.csv_rows(judging.judgements))
     per_char = quality.per_character(_by_model(results), rows) if rows else []
-    paths.markdown.write_text(render_markdown(title, when, rows, groups, comps, quality_md, per_char), encoding="utf-8")
-    paths.html.write_text(render_html(title, when, results, rows, groups, comps, quality_html), encoding="utf-8")
+    markdown = render_markdown(title, when, rows, groups, comps, quality_md, judged, per_char)
+    paths.markdown.write_text(markdown, encoding="utf-8")
+    page = render_html(title, when, results, rows, groups, comps, quality_html, judged.html if judged else None)
+    paths.html.write_text(page, encoding="utf-8")
     return paths
