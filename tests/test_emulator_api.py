@@ -261,7 +261,9 @@ def test_required_tool_call_streams_deltas_the_sdk_accumulates(url: str) -> None
                 ids |= {call.id} if call.id else set()
                 name += (call.function.name or "") if call.function else ""
                 arguments += (call.function.arguments or "") if call.function else ""
-    assert finish == "tool_calls" and len(ids) == 1 and name in ("weather", "noop") and deltas > 1
+    assert finish == "tool_calls" and len(ids) == 1 and name in ("weather", "noop")
+    # "required" picks either tool; noop's arguments ("{}") are one token, so they may come with the name itself
+    assert deltas > 1 if name == "weather" else deltas >= 1, (name, deltas)
     jsonschema.validate(json.loads(arguments), SCHEMA if name == "weather" else TOOLS[1]["function"]["parameters"])
 
 
