@@ -29,7 +29,7 @@ from gateway.relay.proxy import (
     response_headers,
     server_timing,
 )
-from gateway.relay.sse import StreamObserver, read_usage
+from gateway.relay.sse import StreamObserver
 from gateway.relay.validity import contract_of
 from gateway.state import Gateway
 
@@ -181,7 +181,7 @@ async def proxy(gw: Gateway, request: Request, endpoint: Endpoint) -> Response:
     observer.observe_answer(answer)
     written = upstream.response.written
     ex.overhead = written - ex.t0 + time.perf_counter() - done
-    gw.recorder.finished(ex, 200, e2e=e2e, usage=read_usage(answer), observer=observer)
+    gw.recorder.finished(ex, 200, e2e=e2e, usage=observer.usage, observer=observer)
     timing = f"e2e;dur={e2e * 1000:.3f}, {server_timing(ex.overhead, done - written)}"
     return _raw(ex, 200, content, {"server-timing": timing})
 

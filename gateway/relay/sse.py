@@ -289,7 +289,8 @@ class StreamObserver:
         answer = _ANSWER.search(raw) is not None
         if answer and (self._in_think or b"think>" in raw):
             return False  # thinking tags inside the content: parsed (``observe``)
-        reasoning = _REASONING.search(raw) is not None
+        # most chunks carry no reasoning key at all: a substring test spares them the second scan
+        reasoning = b'"reasoning' in raw and _REASONING.search(raw) is not None
         if answer or reasoning:
             self._token(time.perf_counter() if now is None else now, reasoning, answer)
         if (finish := _FINISH.search(raw)) is not None:
