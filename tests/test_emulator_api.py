@@ -478,3 +478,17 @@ def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk_through_the_
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
     assert metric(text, "gateway_completion_tokens_total", model="m") == 5
     assert metric(text, "gateway_time_to_first_token_seconds_count", model="m") == 1
+
+
+def test_unknown_routes_and_odd_field_names_answer_as_vllm_does() -> None:
+    """Found by the OpenAPI fuzz test: a route the emulator does not serve answers FastAPI's JSON 404 (as vLLM), so
+    the gateway passes it through rather than calling it a bad gateway; a field name no header can carry (outside
+    latin-1, control characters) is named escaped, never a 500."""
+    cfg = EmulatorConfig(model="m", ttft_ms=1, itl_ms=1, output_tokens=2)
+    with ThreadServer(create_emulator_app(cfg)) as emu:
+        missing = httpx.get(f"{emu.url}/tokenizer_info")
+        assert missing.status_code == 404 and missing.json() == {"detail": "Not Found"}
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "\U0010b3dd\n\u00e9": 1}
+        r = httpx.post(f"{emu.url}/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-emulator-ignored"] == "\\udbec\\udfdd\\n\\u00e9"

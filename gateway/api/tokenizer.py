@@ -7,7 +7,7 @@ body through with the model's id in place of an alias; the backend's answer, err
 They cost no tokens: the guard admits them as one request of the key's rate (``middleware.Guard``), and they are
 counted apart from model calls (``gateway_tokenizer_requests_total``) so request rates and error ratios stay
 those of generation. ``/tokenizer_info`` exists on a vLLM started with ``--enable-tokenizer-info-endpoint``;
-without it the backend's 404 is passed through.
+without it the backend's plain 404 becomes an OpenAI-shaped 404 saying so.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from fastapi.responses import Response
 from gateway.api.openai import request_id_of
 from gateway.api.responses import error_response
 from gateway.auth import Client
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound
+from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, NotFound
 from gateway.metrics import NO_BACKEND, NO_MODEL
 from gateway.protocol import dump_json, json_object
 from gateway.relay.asgi import receive_body
@@ -85,6 +85,12 @@ async def _pass(request: Request, path: str, query_model: str | None = None) -> 
         return response
     status = upstream.response.status_code
     bad = error_answer(backend, status, content) if status != 200 else None
+    if bad is None and status == 404 and b'"error"' not in content:
+        # FastAPI's own {"detail": "Not Found"}: the backend has no such route (/tokenizer_info needs a flag)
+        hint = (
+            " (vLLM serves it when started with --enable-tokenizer-info-endpoint)" if route == "tokenizer_info" else ""
+        )
+        bad = NotFound(f"backend {backend} does not serve /{route}{hint}")
     if bad is not None:
         count_failure(gw.metrics, backend, bad)
         status, content = bad.status, dump_json(bad.body())

@@ -68,7 +68,8 @@ class Emulator:
         if verdict is not None:
             headers["x-emulator-oracle"] = verdict
         if p.ignored:
-            headers["x-emulator-ignored"] = ",".join(p.ignored)[:1000]
+            # names as JSON escapes them (a header is latin-1, and control characters would split it)
+            headers["x-emulator-ignored"] = ",".join(json.dumps(n)[1:-1] for n in p.ignored)[:1000]
         if p.stream:
             chunks = [render.stream(p, c, self.tokens, prompts) for c in choices]
             stream = self._stream(rid, p, choices, chunks, start)
@@ -213,6 +214,12 @@ class Emulator:
                 self._finished(reason, start, first, sent, p.prompt_tokens)
 
 
+async def _fastapi_error(request: Request, exc: Exception) -> Response:
+    status = getattr(exc, "status_code", 404)
+    detail = getattr(exc, "detail", None) or ("Not Found" if status == 404 else "Method Not Allowed")
+    return JSONResponse({"detail": detail}, status_code=status, headers={"x-emulator": EMULATOR})
+
+
 def create_emulator_app(config: EmulatorConfig, registry: CollectorRegistry | None = None) -> Starlette:
     emu = Emulator(config, registry)
 
@@ -252,7 +259,9 @@ def create_emulator_app(config: EmulatorConfig, registry: CollectorRegistry | No
             Route("/health", health),
             Route("/version", version),
             Route("/metrics", metrics),
-        ]
+        ],
+        # vLLM is a FastAPI app: an unknown route or method is answered in JSON, {"detail": ...}, not plain text
+        exception_handlers={404: _fastapi_error, 405: _fastapi_error},
     )
     app.state.emulator = emu
     return app
