@@ -46,6 +46,15 @@ class ThreadServer:
         self.thread.join(15)
 
 
+@contextlib.contextmanager
+def emulators(configs: dict[str, Any]) -> Iterator[dict[str, str]]:
+    """An in-process emulator for each ``EmulatorConfig``, each on a free port: {name: url}; all stopped on exit."""
+    from gateway.devstack.emulator import create_emulator_app
+
+    with contextlib.ExitStack() as stack:
+        yield {name: stack.enter_context(ThreadServer(create_emulator_app(cfg))).url for name, cfg in configs.items()}
+
+
 def wait_http(url: str, timeout: float = 30.0, process: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

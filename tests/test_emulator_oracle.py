@@ -25,7 +25,7 @@ from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
 from gateway.devstack.emulator.oracle import Oracle, is_correct, tool_failure, unit
 from gateway.devstack.emulator.tokens import WORDS, WordTokens
 from tests.conftest import card, settings_for
-from tests.servers import REPO, ThreadServer, emulator_process
+from tests.servers import REPO, ThreadServer, emulator_process, emulators
 
 SETS = [REPO / "gateway" / "compare" / "graded" / f"{lang}.jsonl" for lang in ("en", "zh")]
 ITEMS = [json.loads(line) for path in SETS for line in path.read_text(encoding="utf-8").splitlines() if line]
@@ -104,14 +104,8 @@ def urls(answers: Path) -> Iterator[dict[str, str]]:
     configs["think-tags"] = EmulatorConfig(
         model="m", ttft_ms=0, itl_ms=0, reasoning_tokens=3, think_in_content=True, answers=str(answers)
     )
-    servers = {name: ThreadServer(create_emulator_app(cfg)) for name, cfg in configs.items()}
-    try:
-        for server in servers.values():
-            server.__enter__()
-        yield {name: server.url for name, server in servers.items()}
-    finally:
-        for server in servers.values():
-            server.__exit__()
+    with emulators(configs) as urls:
+        yield urls
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])

@@ -19,9 +19,9 @@ import pytest
 from gateway import cli
 from gateway.config import ConfigError
 from gateway.devstack import stack
-from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
+from gateway.devstack.emulator import EmulatorConfig
 from tests.conftest import card, settings_for
-from tests.servers import ThreadServer, samples
+from tests.servers import emulators, samples
 
 MSG = [{"role": "user", "content": "Think about the weather, then say something"}]
 THINK, ANSWER = 5, 4  # the fast emulators' reasoning and answer tokens
@@ -45,14 +45,8 @@ def urls() -> Iterator[dict[str, str]]:
         "none": EmulatorConfig(model="m", ttft_ms=0, itl_ms=0, output_tokens=ANSWER),
         "timed": EmulatorConfig(model="m", ttft_ms=50, itl_ms=10, output_tokens=ANSWER, reasoning_tokens=20),
     }
-    servers = {name: ThreadServer(create_emulator_app(cfg)) for name, cfg in configs.items()}
-    try:
-        for server in servers.values():
-            server.__enter__()
-        yield {name: server.url for name, server in servers.items()}
-    finally:
-        for server in servers.values():
-            server.__exit__()
+    with emulators(configs) as urls:
+        yield urls
 
 
 def post(url: str, body: dict[str, Any], path: str = "/v1/chat/completions") -> httpx.Response:
