@@ -3,7 +3,7 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
-RUN pip install --no-cache-dir . && useradd --system --uid 10001 gateway && mkdir -p /data && chown gateway /data
+RUN pip install --no-cache-dir '.[scale]' && useradd --system --uid 10001 gateway && mkdir -p /data && chown gateway /data
 USER gateway
 ENV GATEWAY_HOST=0.0.0.0 GATEWAY_PORT=8000
 EXPOSE 8000
