@@ -35,6 +35,7 @@ from gateway.errors import (
     NotFound,
     ServerError,
 )
+from gateway.limits import SharedLimits
 from gateway.metrics import Metrics, multiprocess
 from gateway.middleware import EXPOSED_HEADERS, BodyLimit, Cors, FastPath, Guard, StampArrival
 from gateway.relay.backends import BackendPool
@@ -84,7 +85,14 @@ def create_app(
     recorder = Recorder(metrics)
     mirror = Mirror(settings, pool, metrics, store)
     recorder.on_pair = mirror.record_primary
-    keyring = Keyring(settings.gateway.auth, pool.table.resolve)
+    g = settings.gateway
+    shared = None
+    if g.limits_backend != "local":
+        shared = SharedLimits(
+            g.limits_backend, metrics, password_env=g.limits_password_env, timeout_s=g.limits_timeout_s,
+            on_failure=g.limits_on_failure,
+        )  # fmt: skip
+    keyring = Keyring(g.auth, pool.table.resolve, shared=shared)
     gateway = Gateway(settings, metrics, pool, recorder, store, mirror, keyring, int(time.time()))
 
     @asynccontextmanager
@@ -108,6 +116,8 @@ def create_app(
                 mp.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]  # its live* gauges go away
             await mirror.close()
             await pool.close()
+            if shared is not None:
+                await shared.aclose()  # after the calls: their settlements are sent
             await asyncio.to_thread(store.stop)  # after the calls and mirrors: every row they added is written
 
     app = GatewayApp(

@@ -12,20 +12,21 @@ at most a full bucket. When the call ends the reservation is settled against wha
 usage; for a stream the client abandoned, the estimated prompt plus the token chunks it was sent), the difference
 refunded. So a burst of concurrent calls stays within about the budget, and a client that hangs up before the last
 token still pays for what it received. A fan-out to N models counts N requests and reserves for each.
-A call that does not fit gets 429 with ``Retry-After`` and OpenAI's ``x-ratelimit-*`` headers.
+A call that does not fit gets 429 with ``Retry-After`` and OpenAI's ``x-ratelimit-*`` headers. The buckets are
+this process's unless ``gateway.limits_backend`` shares them through Redis (``gateway.limits``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import secrets
 import time
 from collections.abc import Callable
 
 from gateway.config import ApiKey, AuthSection
-from gateway.errors import PermissionDenied, RateLimited, Unauthorized
+from gateway.errors import PermissionDenied, Unauthorized
+from gateway.limits import Grant, KeyLimits, LocalLimits, RedisLimits, SharedLimits
 from gateway.protocol import ParsedRequest
 
 KEY_PREFIX = "gk-"
@@ -39,84 +40,38 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-class Bucket:
-    """``capacity`` units, refilled at ``capacity`` per minute; may go negative when charged after the fact."""
-
-    def __init__(self, capacity: int, clock: Callable[[], float]) -> None:
-        self.capacity = capacity
-        self.level = float(capacity)
-        self.clock = clock
-        self.at = clock()
-
-    def refill(self) -> float:
-        now = self.clock()
-        self.level = min(self.capacity, self.level + (now - self.at) * self.capacity / 60.0)
-        self.at = now
-        return self.level
-
-    def wait_s(self, need: float) -> float:
-        """Seconds until the level reaches ``need``."""
-        return max(0.0, (need - self.refill()) * 60.0 / self.capacity)
-
-
 class Client:
-    """One configured key and its live limits."""
+    """One configured key and its live limits (``gateway.limits``: in this process, or shared through Redis)."""
 
-    def __init__(self, key: ApiKey, allowed: frozenset[str] | None, clock: Callable[[], float]) -> None:
+    def __init__(self, key: ApiKey, allowed: frozenset[str] | None, limits: KeyLimits) -> None:
         self.key = key
         self.name = key.name
         self.allowed = allowed  # canonical model ids, None: all
-        self.requests = Bucket(key.rpm, clock) if key.rpm else None
-        self.tokens = Bucket(key.tpm, clock) if key.tpm else None
+        self.limits = limits
 
     def check_model(self, model: str) -> None:
         if self.allowed is not None and model not in self.allowed:
             raise PermissionDenied(f"this API key may not use model `{model}`", param="model")
 
-    def admit(self) -> dict[str, str]:
+    async def admit(self) -> dict[str, str]:
         """One request of a route that costs no tokens (``GET /v1/models``, say); returns the x-ratelimit-* headers."""
-        self.reserve(1, 0)
-        return self.headers()
+        return (await self.limits.take(1, 0)).headers
 
-    def reserve(self, requests: int, tokens: int) -> int:
+    async def reserve(self, requests: int, tokens: int) -> Grant:
         """Take ``requests`` from the request bucket and reserve ``tokens`` (at most a full bucket, so that any call
-        can run once the bucket is full) or raise RateLimited. Returns the tokens reserved: ``settle`` them."""
-        need_r = min(requests, self.requests.capacity) if self.requests is not None else 0
-        need_t = min(tokens, self.tokens.capacity) if self.tokens is not None else 0
-        wait_r = self.requests.wait_s(need_r) if self.requests is not None else 0.0
-        wait_t = self.tokens.wait_s(max(need_t, 1)) if self.tokens is not None else 0.0
-        if wait_r > 0 or wait_t > 0:
-            what = "requests" if wait_r >= wait_t else "tokens"
-            err = RateLimited(
-                f"rate limit of key {self.name!r} reached ({what} per minute)", retry_after=max(wait_r, wait_t)
-            )
-            err.extra_headers = self.headers()
-            raise err
-        if self.requests is not None:
-            self.requests.level -= need_r
-        if self.tokens is not None:
-            self.tokens.level -= need_t
-        return need_t
+        can run once the bucket is full), or raise RateLimited. ``settle`` the grant's tokens when the call ends."""
+        return await self.limits.take(requests, tokens)
 
     def settle(self, reserved: int, used: int) -> None:
         """A call that reserved ``reserved`` tokens used ``used``: refund the difference (or charge the excess)."""
-        if self.tokens is not None:
-            self.tokens.refill()
-            self.tokens.level = min(self.tokens.capacity, self.tokens.level + reserved - used)
-
-    def headers(self) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for kind, bucket in (("requests", self.requests), ("tokens", self.tokens)):
-            if bucket is not None:
-                out[f"x-ratelimit-limit-{kind}"] = str(bucket.capacity)
-                out[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(bucket.level)))
-        return out
+        self.limits.settle(reserved, used)
 
 
 class Keyring:
     def __init__(
-        self, auth: AuthSection, resolve: Callable[[str], str | None], clock: Callable[[], float] = time.monotonic
-    ) -> None:
+        self, auth: AuthSection, resolve: Callable[[str], str | None], clock: Callable[[], float] = time.monotonic,
+        shared: SharedLimits | None = None,
+    ) -> None:  # fmt: skip
         self.enabled = auth.enabled
         self.protect_metrics = auth.protect_metrics
         self.reserve_completion_tokens = auth.reserve_completion_tokens
@@ -127,7 +82,12 @@ class Keyring:
             allowed = None
             if key.models is not None:
                 allowed = frozenset(m for m in (resolve(name) for name in key.models) if m is not None)
-            self.clients.append((bytes.fromhex(key.sha256), Client(key, allowed, clock)))
+            limits: KeyLimits = (
+                LocalLimits(key.name, key.rpm or 0, key.tpm or 0, clock)
+                if shared is None
+                else RedisLimits(shared, key.sha256[:32], key.name, key.rpm or 0, key.tpm or 0)
+            )
+            self.clients.append((bytes.fromhex(key.sha256), Client(key, allowed, limits)))
 
     def estimate(self, parsed: ParsedRequest) -> int:
         """A call's possible cost in tokens, reserved when it is admitted: its prompt's estimate plus ``n``

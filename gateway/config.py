@@ -234,6 +234,16 @@ class GatewaySection(Strict):
     results_queue_rows: Annotated[
         int, Field(ge=1, description="result rows waiting for the store's writer; beyond, new rows are dropped")
     ] = 10_000
+    limits_backend: str = Field(
+        default="local",
+        description="where API-key rpm/tpm buckets live: 'local' (this process) or redis://HOST:PORT/DB (shared by "
+        "every worker and replica; no password in the URL)",
+    )
+    limits_password_env: str | None = Field(default=None, description="environment variable holding Redis's password")
+    limits_on_failure: Literal["fail_open", "fail_closed"] = Field(
+        default="fail_open", description="when Redis does not answer: admit calls unchecked, or refuse them (503)"
+    )
+    limits_timeout_s: Annotated[float, Field(gt=0, le=10, description="longest wait for Redis per call")] = 0.25
     retry: RetryPolicy = RetryPolicy()
     breaker: BreakerPolicy = BreakerPolicy()
     queue_timeout_s: Annotated[float, Field(gt=0, description="longest wait in a full backend's queue")] = 30.0
@@ -259,6 +269,20 @@ class GatewaySection(Strict):
     metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = Field(
         default=None, description="serve /metrics on this port (same host) instead of the API port"
     )
+
+    @field_validator("limits_backend")
+    @classmethod
+    def _limits_backend(cls, url: str) -> str:
+        if url == "local":
+            return url
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError(f"must be 'local' or a redis:// or rediss:// URL, not {url!r}")
+        if parts.password is not None:
+            raise ValueError("no password in the URL: name the environment variable holding it in limits_password_env")
+        if not parts.hostname:
+            raise ValueError(f"no host in {url!r}")
+        return url
 
 
 class Settings(Strict):

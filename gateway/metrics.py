@@ -72,6 +72,7 @@ NO_MODEL = "unknown"  # model label of a request that never resolved to a config
 NO_BACKEND = "none"  # backend label of a request that never reached a backend
 # Why a result row was not stored (gateway.compare.writer): the writer's queue was full, SQLite refused the write,
 # or the gateway stopped before the row could be written.
+LIMITS_OUTCOMES = ("admitted", "refused", "unsettled")  # gateway_limits_backend_errors_total{outcome}
 STORE_DROP_REASONS = ("queue_full", "write_failed", "stopped")
 # How an answer failed the structure its request asked for (gateway.relay.validity says when each applies).
 TOOL_ERRORS = ("no_call", "unknown_tool", "invalid_json", "schema_mismatch")
@@ -315,6 +316,13 @@ class Metrics:
         )  # fmt: skip
         for reason in STORE_DROP_REASONS:
             self.store_dropped_rows.labels(reason)
+        self.limits_backend_errors = Counter(
+            "gateway_limits_backend_errors", "Calls whose API-key limits Redis did not check (gateway.limits_backend), "
+            "by outcome: admitted unchecked (fail_open), refused (fail_closed), or a settlement lost.", ("outcome",),
+            registry=registry,
+        )  # fmt: skip
+        for outcome in LIMITS_OUTCOMES:
+            self.limits_backend_errors.labels(outcome)
         self._series: dict[tuple[str, str], Series] = {}
         self._requests: dict[tuple[str, ...], Counter] = {}
         self._durations: dict[tuple[str, ...], Histogram] = {}

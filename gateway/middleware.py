@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api.openai import PATHS, proxy
 from gateway.api.responses import error_response
+from gateway.auth import Client
 from gateway.errors import (
     GatewayError,
     HeadersTooLarge,
@@ -152,7 +153,10 @@ class Guard:
             await self.app(scope, receive, send)
             return
         try:
-            send = self._check(scope, send)
+            send, admit = self._check(scope, send)
+            # a /v1 route that costs no tokens: one request against the key's limit
+            if admit is not None and (limits := await admit.admit()):
+                send = _with_headers(send, [(k.encode(), v.encode()) for k, v in limits.items()])
         except GatewayError as err:
             reason = {401: "unauthorized", 403: "forbidden", 429: "rate_limited"}.get(err.status)
             if reason:
@@ -161,7 +165,8 @@ class Guard:
             return
         await self.app(scope, receive, send)
 
-    def _check(self, scope: Scope, send: Send) -> Send:
+    def _check(self, scope: Scope, send: Send) -> tuple[Send, Client | None]:
+        """The checks that need no waiting; returns the client to admit now, if any (see ``__call__``)."""
         raw: list[tuple[bytes, bytes]] = scope["headers"]
         if len(raw) > self.max_headers:
             raise HeadersTooLarge(f"more than {self.max_headers} request headers")
@@ -175,25 +180,25 @@ class Guard:
                 client = self.keyring.verify(_header(raw, b"authorization"))
                 if not client.key.admin:
                     raise PermissionDenied("reading /metrics needs an admin key")
-            return send
+            return send, None
         if not path.startswith("/v1/") and path not in TOKENIZER_PATHS:
             if self.keyring.enabled and path in self.keyed_pages:
                 self.keyring.verify(_header(raw, b"authorization"))
-            return send
+            return send, None
+        admit = None
         if self.keyring.enabled:
             client = self.keyring.verify(_header(raw, b"authorization"))
             scope["gateway.client"] = client
             # Calls to models are admitted by their handler, once the body says what they may cost.
-            limits = None if scope["method"] == "POST" and path in ADMITTED_BY_HANDLER else client.admit()
-            if limits:
-                send = _with_headers(send, [(k.encode(), v.encode()) for k, v in limits.items()])
+            if not (scope["method"] == "POST" and path in ADMITTED_BY_HANDLER):
+                admit = client
         if scope["method"] == "POST":
             kind = (_header(raw, b"content-type") or "application/json").encode().split(b";")[0].strip().lower()
             if kind not in JSON_TYPES and not kind.endswith(b"+json"):
                 raise UnsupportedMediaType(
                     f"Content-Type {kind.decode(errors='replace')!r} is not supported: send 'application/json'"
                 )
-        return send
+        return send, admit
 
 
 def _header(raw: list[tuple[bytes, bytes]], name: bytes) -> str | None:

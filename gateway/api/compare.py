@@ -120,12 +120,13 @@ async def fanout(request: Request, endpoint: Endpoint) -> Response:
                 client.check_model(arm.model)
             # N arms are N requests, each with its own possible cost
             estimates = [gw.keyring.estimate(p) for p in parsed]
-            share = client.reserve(len(found), sum(estimates))
+            grant = await client.reserve(len(found), sum(estimates))
+            share = grant.tokens
             total = max(1, sum(estimates))
             charges = [
                 Charge(client, share * e // total, p.prompt_estimate) for e, p in zip(estimates, parsed, strict=True)
             ]
-            limit_headers = client.headers()
+            limit_headers = grant.headers
         else:
             charges = [None] * len(found)
     except GatewayError as err:

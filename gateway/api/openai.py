@@ -119,9 +119,9 @@ async def proxy(gw: Gateway, request: Request, endpoint: Endpoint) -> Response:
         client = ex.client = request.scope.get("gateway.client")
         if client is not None:
             client.check_model(model)
-            ex.reserved = client.reserve(1, gw.keyring.estimate(parsed))
+            grant = await client.reserve(1, gw.keyring.estimate(parsed))
+            ex.reserved, ex.limit_headers = grant.tokens, grant.headers
             ex.prompt_estimate = parsed.prompt_estimate
-            ex.limit_headers = client.headers()
         ex.pair_id = gw.mirror.maybe(ex, parsed.body, endpoint)
         ex.contract = contract_of(parsed.body)
         headers = {
