@@ -234,6 +234,15 @@ class GatewaySection(Strict):
     results_queue_rows: Annotated[
         int, Field(ge=1, description="result rows waiting for the store's writer; beyond, new rows are dropped")
     ] = 10_000
+    results_db_password_env: str | None = Field(
+        default=None, description="environment variable holding the PostgreSQL password (results_db postgresql://)"
+    )
+    limits_backend: str = Field(
+        default="local", description="API-key rpm/tpm limits: local (per process) or redis://HOST:PORT/DB (shared)"
+    )
+    limits_password_env: str | None = Field(default=None, description="environment variable holding the Redis password")
+    limits_on_failure: Literal["fail_open", "fail_closed"] = "fail_open"
+    limits_timeout_s: float = 0.25
     retry: RetryPolicy = RetryPolicy()
     breaker: BreakerPolicy = BreakerPolicy()
     queue_timeout_s: Annotated[float, Field(gt=0, description="longest wait in a full backend's queue")] = 30.0
