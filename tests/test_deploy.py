@@ -277,6 +277,7 @@ OVERRIDE = DEPLOY / "compose" / "shared-state.yaml"
 # each shared-state config and the plain one it extends
 SHARED_CONFIGS = {
     "deploy/k8s/shared-state/config.gpu.yaml": "deploy/config.gpu.yaml",
+    "deploy/compose/config.cpu.shared.yaml": "deploy/compose/config.cpu.yaml",
 }
 STORE_PASSWORDS = {"POSTGRES_PASSWORD": "pg-test-0123456789abcdef", "REDIS_PASSWORD": "redis0123456789abcdef"}
 
@@ -470,3 +471,84 @@ def test_kubernetes_builds_with_and_without_shared_state(tmp_path: Path) -> None
     assert refs[ADMIN_KEY_ENV] == ("gateway-keys", "admin-key")  # the base's env kept, not replaced
     assert not any("emptyDir" in v for v in pod["volumes"])  # results in PostgreSQL, not on a per-pod volume
     assert [m["mountPath"] for m in pod["containers"][0]["volumeMounts"]] == ["/etc/gateway"]
+
+
+def volume_target(volume: str) -> str:
+    return volume.split(":")[1]
+
+
+def merge_service(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Compose's merge of two files' definitions of a service (the rules the override relies on): mappings by key
+    (environment, depends_on), volumes by container path, command / entrypoint / healthcheck replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if key == "volumes":
+            by_target = {volume_target(v): v for v in base.get(key, [])} | {volume_target(v): v for v in value}
+            merged[key] = list(by_target.values())
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            merged[key] = {**base[key], **value}
+        elif isinstance(value, list) and isinstance(base.get(key), list) and key not in ("command", "entrypoint"):
+            merged[key] = base[key] + value
+        else:
+            merged[key] = value
+    return merged
+
+
+def compose_with_shared_state() -> dict[str, Any]:
+    override: dict[str, Any] = yaml.safe_load(OVERRIDE.read_text())
+    merged = compose()
+    for name, service in override["services"].items():
+        base = merged["services"].get(name)
+        merged["services"][name] = merge_service(base, service) if base else service
+    merged["volumes"] = {**merged["volumes"], **override.get("volumes", {})}
+    return merged
+
+
+def test_compose_shared_state_is_a_second_file_so_the_plain_stacks_need_no_store_passwords() -> None:
+    # compose resolves ${VAR:?} in the whole file before profiles: a store password required in docker-compose.yml
+    # would stop `--profile cpu up` without shared state
+    text = (REPO / "docker-compose.yml").read_text()
+    assert not re.search(r"\$\{(POSTGRES|REDIS)_PASSWORD", text)
+    assert "-f docker-compose.yml -f deploy/compose/shared-state.yaml" in text  # documented where users look
+
+
+@pytest.mark.usefixtures("store_passwords")
+def test_compose_shared_state_stores_and_gateways() -> None:
+    merged = compose_with_shared_state()
+    services = merged["services"]
+    postgres, redis = services["postgres"], services["redis"]
+    for name, service in (("postgres", postgres), ("redis", redis)):
+        assert set(service["profiles"]) == {"gpu", "cpu"}, name  # with either stack
+        assert pinned(service["image"]), service["image"]
+        assert service["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL"), name
+    assert postgres["healthcheck"]["test"][1] == "pg_isready"
+    pg_env, redis_env = environment(postgres), environment(redis)
+    assert required_env(pg_env["POSTGRES_PASSWORD"], "POSTGRES_PASSWORD")
+    assert required_env(redis_env["REDIS_PASSWORD"], "REDIS_PASSWORD")
+    # data on a named volume, declared
+    (data,) = [v for v in postgres["volumes"] if volume_target(v) == "/var/lib/postgresql/data"]
+    assert data.split(":")[0] in merged["volumes"]
+    # requirepass from the variable ($$: left for the container's shell, not interpolated by compose)
+    assert "requirepass" in redis["command"][0] and '"$$REDIS_PASSWORD"' in redis["command"][0]
+    assert redis["entrypoint"] == ["sh", "-c"] and redis["user"] == "redis"  # not root, as the image would
+    health = redis["healthcheck"]["test"]
+    assert health[0] == "CMD-SHELL" and 'REDISCLI_AUTH="$$REDIS_PASSWORD" redis-cli ping' in health[1]
+
+    for name, config in (("gateway", "deploy/k8s/shared-state/config.gpu.yaml"),
+                         ("gateway-cpu", "deploy/compose/config.cpu.shared.yaml")):  # fmt: skip
+        gateway = services[name]
+        mounts = [v for v in gateway["volumes"] if volume_target(v) == "/etc/gateway/config.yaml"]
+        assert mounts == [f"./{config}:/etc/gateway/config.yaml:ro"], name  # replaces the plain config
+        settings, db, limits = shared_state_settings(config)
+        assert db.hostname == "postgres" and limits.hostname == "redis"
+        assert (db.username, db.path.lstrip("/")) == (pg_env["POSTGRES_USER"], pg_env["POSTGRES_DB"])
+        assert db.port == 5432 and limits.port == 6379
+        env = environment(gateway)
+        assert required_env(env[ADMIN_KEY_ENV], ADMIN_KEY_ENV)  # the plain file's variables kept
+        # the gateway gets the same variables the stores take their passwords from
+        assert env[settings.gateway.results_db_password_env] == pg_env["POSTGRES_PASSWORD"]
+        assert env[settings.gateway.limits_password_env] == redis_env["REDIS_PASSWORD"]
+        depends = gateway["depends_on"]
+        assert depends["postgres"] == depends["redis"] == {"condition": "service_healthy"}, name
+        assert set(compose()["services"][name]["depends_on"]) < set(depends)  # the backends kept
+        assert set(gateway["profiles"]) == set(compose()["services"][name]["profiles"])
