@@ -234,6 +234,9 @@ class GatewaySection(Strict):
     results_queue_rows: Annotated[
         int, Field(ge=1, description="result rows waiting for the store's writer; beyond, new rows are dropped")
     ] = 10_000
+    results_db_password_env: str | None = Field(
+        default=None, description="environment variable holding the PostgreSQL password (results_db postgresql://)"
+    )
     limits_backend: str = Field(
         default="local",
         description="where API-key rpm/tpm buckets live: 'local' (this process) or redis://HOST:PORT/DB (shared by "

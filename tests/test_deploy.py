@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from gateway.auth import hash_key
-from gateway.config import ConfigError, load_settings
+from gateway.config import ConfigError, load_settings, parse_settings
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -267,3 +267,288 @@ def test_kubernetes_gateway_takes_its_key_from_a_secret_and_is_scraped_on_the_me
     for (kind, name), doc in kinds.items():
         if kind == "Deployment" and name.startswith("vllm-"):
             assert scraped_ports(doc["spec"]["template"]) == {8000}, name  # vLLM's /metrics is on its API port
+
+
+# -- shared state: PostgreSQL results and Redis limits (compose override file, kustomize component) ---------------
+SHARED_KEYS = ("results_db", "results_db_password_env", "limits_backend", "limits_password_env",
+               "limits_on_failure", "limits_timeout_s")  # fmt: skip
+COMPONENT = DEPLOY / "k8s" / "shared-state"
+OVERRIDE = DEPLOY / "compose" / "shared-state.yaml"
+# each shared-state config and the plain one it extends
+SHARED_CONFIGS = {
+    "deploy/k8s/shared-state/config.gpu.yaml": "deploy/config.gpu.yaml",
+    "deploy/compose/config.cpu.shared.yaml": "deploy/compose/config.cpu.yaml",
+}
+STORE_PASSWORDS = {"POSTGRES_PASSWORD": "pg-test-0123456789abcdef", "REDIS_PASSWORD": "redis0123456789abcdef"}
+
+
+@pytest.fixture
+def store_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in STORE_PASSWORDS.items():
+        monkeypatch.setenv(name, value)
+
+
+def pinned(image: str) -> bool:
+    """``name:tag`` with a version in the tag (a digit), never latest."""
+    return re.fullmatch(r"[\w./-]+:[\w.-]*\d[\w.-]*", image) is not None and not image.endswith(":latest")
+
+
+def shared_state_settings(config: str) -> Any:
+    """``config`` loaded by the gateway, checked for URLs without passwords; returns the two parsed URLs too."""
+    settings = load_settings(REPO / config)
+    db, limits = urlparse(settings.gateway.results_db), urlparse(settings.gateway.limits_backend)
+    assert db.scheme == "postgresql" and limits.scheme == "redis", config
+    assert db.password is None and limits.password is None and "@" not in limits.netloc, config
+    assert settings.gateway.results_db_password_env and settings.gateway.limits_password_env, config
+    return settings, db, limits
+
+
+@pytest.mark.usefixtures("store_passwords")
+@pytest.mark.parametrize(("shared", "plain"), SHARED_CONFIGS.items())
+def test_shared_state_configs_are_the_plain_ones_with_postgres_and_redis(shared: str, plain: str) -> None:
+    shared_state_settings(shared)
+    raw_shared, raw_plain = (yaml.safe_load((REPO / c).read_text()) for c in (shared, plain))
+    for raw in (raw_shared, raw_plain):
+        for key in SHARED_KEYS:
+            raw["gateway"].pop(key, None)
+    assert raw_shared == raw_plain  # the same models, backends, keys and ports: only the stores differ
+
+
+def component_docs() -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((COMPONENT / "kustomization.yaml").read_text())
+    return [d for r in kustomization["resources"] for d in yaml.safe_load_all((COMPONENT / r).read_text()) if d]
+
+
+@pytest.mark.parametrize("doc", component_docs(), ids=lambda d: f"shared-state/{d['kind']}/{d['metadata']['name']}")
+def test_kubernetes_shared_state_manifests_match_the_schema(doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, "1.37.0", strict=True)
+
+
+def secret_refs(pod: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """Environment variable -> (Secret, key) for every container of a pod spec."""
+    return {
+        e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+        for c in pod["containers"]
+        for e in c.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+
+
+@pytest.mark.usefixtures("store_passwords")
+def test_kubernetes_shared_state_component_fits_the_base() -> None:
+    """By hand what kustomize would do: every name the component uses exists where it points."""
+    base = yaml.safe_load((DEPLOY / "kustomization.yaml").read_text())
+    component = yaml.safe_load((COMPONENT / "kustomization.yaml").read_text())
+    assert component["kind"] == "Component"
+    # off by default; the documented switch names this folder
+    assert "components" not in base
+    assert "# components:\n#   - k8s/shared-state\n" in (DEPLOY / "kustomization.yaml").read_text()
+    assert (DEPLOY / "k8s/shared-state").resolve() == COMPONENT
+    # the config: replaces the base's generated gateway config, under the same file name
+    (generator,) = component["configMapGenerator"]
+    base_generator = next(g for g in base["configMapGenerator"] if g["name"] == generator["name"])
+    assert generator["behavior"] == "replace"
+    (entry,) = generator["files"]
+    assert entry.split("=")[0] == base_generator["files"][0].split("=")[0] == "config.yaml"
+    config = f"deploy/k8s/shared-state/{entry.split('=')[1]}"
+    assert config in SHARED_CONFIGS
+    settings, db, limits = shared_state_settings(config)
+
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in component_docs()}
+    postgres, redis = docs[("StatefulSet", "postgres")], docs[("Deployment", "redis")]
+    for workload in (postgres, redis):
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] > 0
+        for c in pod["containers"]:
+            assert pinned(c["image"]), c["image"]
+            assert "readinessProbe" in c and "livenessProbe" in c, c["name"]
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+            assert {"cpu", "memory"} <= c["resources"]["requests"].keys() & c["resources"]["limits"].keys()
+    # the URLs in the config reach the Services, which select the pods on a port they have
+    for url, workload in ((db, postgres), (limits, redis)):
+        service = docs[("Service", str(url.hostname))]
+        pod = workload["spec"]["template"]
+        assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+        (port,) = [p for p in service["spec"]["ports"] if p["port"] == url.port]
+        assert port["targetPort"] in {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+    pg_env = {e["name"]: e.get("value") for e in postgres["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert (db.username, db.path.lstrip("/")) == (pg_env["POSTGRES_USER"], pg_env["POSTGRES_DB"])
+    # the data on the claim: PGDATA below the claim's mount
+    (claim,) = postgres["spec"]["volumeClaimTemplates"]
+    container = postgres["spec"]["template"]["spec"]["containers"][0]
+    mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == claim["metadata"]["name"])
+    assert pg_env["PGDATA"].startswith(mount + "/")
+    probes = [container[p]["exec"]["command"] for p in ("readinessProbe", "livenessProbe")]
+    assert all(p[0] == "pg_isready" for p in probes)
+    # redis: requirepass from its secret; probes authenticate
+    redis_pod = redis["spec"]["template"]["spec"]
+    redis_container = redis_pod["containers"][0]
+    assert "requirepass" in redis_container["args"][0] and "$REDIS_PASSWORD" in redis_container["args"][0]
+    for probe in ("readinessProbe", "livenessProbe"):
+        command = " ".join(redis_container[probe]["exec"]["command"])
+        assert "redis-cli ping" in command and 'REDISCLI_AUTH="$REDIS_PASSWORD"' in command
+    # the gateway reads the same Secret keys as the stores, under the names its config gives
+    patch = yaml.safe_load((COMPONENT / "gateway-patch.yaml").read_text())
+    gateway_refs = secret_refs(patch["spec"]["template"]["spec"])
+    store_refs = secret_refs(postgres["spec"]["template"]["spec"]) | secret_refs(redis_pod)
+    assert gateway_refs[settings.gateway.results_db_password_env] == store_refs["POSTGRES_PASSWORD"]
+    assert gateway_refs[settings.gateway.limits_password_env] == store_refs["REDIS_PASSWORD"]
+    # every Secret key used is in the documented command, for the base's namespace; no Secret is shipped
+    text = (COMPONENT / "kustomization.yaml").read_text()
+    for secret, key in {*gateway_refs.values(), *store_refs.values()}:
+        assert f"kubectl -n {base['namespace']} create secret generic {secret} \\" in text
+        assert f"--from-literal={key}=" in text
+    assert not any(kind == "Secret" for kind, _ in docs)
+    # the patch drops the base gateway's /data emptyDir (the per-pod SQLite file) by the names the base uses
+    gateway = next(d for d in k8s_docs() if (d["kind"], d["metadata"]["name"]) == ("Deployment", "gateway"))
+    base_pod = gateway["spec"]["template"]["spec"]
+    assert {"name": "data", "emptyDir": {}} in base_pod["volumes"]
+    assert {"name": "data", "mountPath": "/data"} in base_pod["containers"][0]["volumeMounts"]
+    assert patch["spec"]["template"]["spec"]["volumes"] == [{"name": "data", "$patch": "delete"}]
+    patched = patch["spec"]["template"]["spec"]["containers"][0]
+    assert patched["name"] == base_pod["containers"][0]["name"]
+    assert patched["volumeMounts"] == [{"mountPath": "/data", "$patch": "delete"}]
+    # only the gateway pods reach the stores
+    gateway_labels = gateway["spec"]["template"]["metadata"]["labels"]
+    for name, url in (("postgres", db), ("redis", limits)):
+        policy = docs[("NetworkPolicy", name)]["spec"]
+        assert matches(policy["podSelector"], docs[("Service", name)]["spec"]["selector"])
+        (rule,) = policy["ingress"]
+        assert [matches(f["podSelector"], gateway_labels) for f in rule["from"]] == [True]
+        assert rule["ports"] == [{"protocol": "TCP", "port": url.port}]
+
+
+def kustomize_build(path: Path) -> list[dict[str, Any]]:
+    import shutil
+    import subprocess
+
+    kustomize, kubectl = shutil.which("kustomize"), shutil.which("kubectl")
+    assert kustomize or kubectl, "neither kustomize nor kubectl is installed (kubectl kustomize builds deploy/)"
+    command = [kustomize, "build", str(path)] if kustomize else [str(kubectl), "kustomize", str(path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+def built_gateway(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], Any]:
+    """The built gateway Deployment and the settings from the ConfigMap it mounts."""
+    kinds = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    gateway = kinds[("Deployment", "gateway")]
+    (config_map,) = [v["configMap"]["name"] for v in gateway["spec"]["template"]["spec"]["volumes"] if "configMap" in v]
+    settings = parse_settings(yaml.safe_load(kinds[("ConfigMap", config_map)]["data"]["config.yaml"]), config_map)
+    return gateway, settings
+
+
+@pytest.mark.usefixtures("store_passwords")
+def test_kubernetes_builds_with_and_without_shared_state(tmp_path: Path) -> None:
+    plain = kustomize_build(DEPLOY)
+    gateway, settings = built_gateway(plain)
+    assert settings.gateway.results_db == "/data/gateway.sqlite" and settings.gateway.limits_backend == "local"
+    assert not {"postgres", "redis"} & {d["metadata"]["name"] for d in plain}
+    # turned on as deploy/kustomization.yaml says: its two commented lines uncommented
+    import shutil
+
+    shutil.copytree(DEPLOY, tmp_path / "deploy")
+    kustomization = tmp_path / "deploy" / "kustomization.yaml"
+    text, off = kustomization.read_text(), "# components:\n#   - k8s/shared-state\n"
+    assert off in text
+    kustomization.write_text(text.replace(off, "components:\n  - k8s/shared-state\n"))
+    shared = kustomize_build(tmp_path / "deploy")
+    for doc in shared:
+        if doc["kind"] != "PodMonitor":
+            kubernetes_validate.validate(doc, "1.37.0", strict=True)
+    assert {d["metadata"]["namespace"] for d in shared if d["kind"] != "Namespace"} == {"llm-compare"}
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in shared}
+    stores = {("StatefulSet", "postgres"), ("Deployment", "redis"), ("Service", "postgres"), ("Service", "redis")}
+    assert stores | {("NetworkPolicy", "postgres"), ("NetworkPolicy", "redis")} <= kinds
+    gateway, settings = built_gateway(shared)
+    assert urlparse(settings.gateway.results_db).scheme == "postgresql"
+    assert urlparse(settings.gateway.limits_backend).scheme == "redis"
+    pod = gateway["spec"]["template"]["spec"]
+    refs = secret_refs(pod)
+    assert refs[settings.gateway.results_db_password_env] == ("gateway-state", "postgres-password")
+    assert refs[settings.gateway.limits_password_env] == ("gateway-state", "redis-password")
+    assert refs[ADMIN_KEY_ENV] == ("gateway-keys", "admin-key")  # the base's env kept, not replaced
+    assert not any("emptyDir" in v for v in pod["volumes"])  # results in PostgreSQL, not on a per-pod volume
+    assert [m["mountPath"] for m in pod["containers"][0]["volumeMounts"]] == ["/etc/gateway"]
+
+
+def volume_target(volume: str) -> str:
+    return volume.split(":")[1]
+
+
+def merge_service(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Compose's merge of two files' definitions of a service (the rules the override relies on): mappings by key
+    (environment, depends_on), volumes by container path, command / entrypoint / healthcheck replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if key == "volumes":
+            by_target = {volume_target(v): v for v in base.get(key, [])} | {volume_target(v): v for v in value}
+            merged[key] = list(by_target.values())
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            merged[key] = {**base[key], **value}
+        elif isinstance(value, list) and isinstance(base.get(key), list) and key not in ("command", "entrypoint"):
+            merged[key] = base[key] + value
+        else:
+            merged[key] = value
+    return merged
+
+
+def compose_with_shared_state() -> dict[str, Any]:
+    override: dict[str, Any] = yaml.safe_load(OVERRIDE.read_text())
+    merged = compose()
+    for name, service in override["services"].items():
+        base = merged["services"].get(name)
+        merged["services"][name] = merge_service(base, service) if base else service
+    merged["volumes"] = {**merged["volumes"], **override.get("volumes", {})}
+    return merged
+
+
+def test_compose_shared_state_is_a_second_file_so_the_plain_stacks_need_no_store_passwords() -> None:
+    # compose resolves ${VAR:?} in the whole file before profiles: a store password required in docker-compose.yml
+    # would stop `--profile cpu up` without shared state
+    text = (REPO / "docker-compose.yml").read_text()
+    assert not re.search(r"\$\{(POSTGRES|REDIS)_PASSWORD", text)
+    assert "-f docker-compose.yml -f deploy/compose/shared-state.yaml" in text  # documented where users look
+
+
+@pytest.mark.usefixtures("store_passwords")
+def test_compose_shared_state_stores_and_gateways() -> None:
+    merged = compose_with_shared_state()
+    services = merged["services"]
+    postgres, redis = services["postgres"], services["redis"]
+    for name, service in (("postgres", postgres), ("redis", redis)):
+        assert set(service["profiles"]) == {"gpu", "cpu"}, name  # with either stack
+        assert pinned(service["image"]), service["image"]
+        assert service["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL"), name
+    assert postgres["healthcheck"]["test"][1] == "pg_isready"
+    pg_env, redis_env = environment(postgres), environment(redis)
+    assert required_env(pg_env["POSTGRES_PASSWORD"], "POSTGRES_PASSWORD")
+    assert required_env(redis_env["REDIS_PASSWORD"], "REDIS_PASSWORD")
+    # data on a named volume, declared
+    (data,) = [v for v in postgres["volumes"] if volume_target(v) == "/var/lib/postgresql/data"]
+    assert data.split(":")[0] in merged["volumes"]
+    # requirepass from the variable ($$: left for the container's shell, not interpolated by compose)
+    assert "requirepass" in redis["command"][0] and '"$$REDIS_PASSWORD"' in redis["command"][0]
+    assert redis["entrypoint"] == ["sh", "-c"] and redis["user"] == "redis"  # not root, as the image would
+    health = redis["healthcheck"]["test"]
+    assert health[0] == "CMD-SHELL" and 'REDISCLI_AUTH="$$REDIS_PASSWORD" redis-cli ping' in health[1]
+
+    for name, config in (("gateway", "deploy/k8s/shared-state/config.gpu.yaml"),
+                         ("gateway-cpu", "deploy/compose/config.cpu.shared.yaml")):  # fmt: skip
+        gateway = services[name]
+        mounts = [v for v in gateway["volumes"] if volume_target(v) == "/etc/gateway/config.yaml"]
+        assert mounts == [f"./{config}:/etc/gateway/config.yaml:ro"], name  # replaces the plain config
+        settings, db, limits = shared_state_settings(config)
+        assert db.hostname == "postgres" and limits.hostname == "redis"
+        assert (db.username, db.path.lstrip("/")) == (pg_env["POSTGRES_USER"], pg_env["POSTGRES_DB"])
+        assert db.port == 5432 and limits.port == 6379
+        env = environment(gateway)
+        assert required_env(env[ADMIN_KEY_ENV], ADMIN_KEY_ENV)  # the plain file's variables kept
+        # the gateway gets the same variables the stores take their passwords from
+        assert env[settings.gateway.results_db_password_env] == pg_env["POSTGRES_PASSWORD"]
+        assert env[settings.gateway.limits_password_env] == redis_env["REDIS_PASSWORD"]
+        depends = gateway["depends_on"]
+        assert depends["postgres"] == depends["redis"] == {"condition": "service_healthy"}, name
+        assert set(compose()["services"][name]["depends_on"]) < set(depends)  # the backends kept
+        assert set(gateway["profiles"]) == set(compose()["services"][name]["profiles"])
