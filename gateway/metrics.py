@@ -72,7 +72,7 @@ NO_MODEL = "unknown"  # model label of a request that never resolved to a config
 NO_BACKEND = "none"  # backend label of a request that never reached a backend
 # Why a result row was not stored (gateway.compare.writer): the writer's queue was full, SQLite refused the write,
 # or the gateway stopped before the row could be written.
-STORE_DROP_REASONS = ("queue_full", "write_failed", "stopped")
+STORE_DROP_REASONS = ("queue_full", "write_failed", "unavailable", "stopped")
 # How an answer failed the structure its request asked for (gateway.relay.validity says when each applies).
 TOOL_ERRORS = ("no_call", "unknown_tool", "invalid_json", "schema_mismatch")
 STRUCTURED_ERRORS = ("invalid_json", "schema_mismatch")
