@@ -317,3 +317,18 @@ def test_two_gateway_processes_share_one_history(tmp_path: Path, pg_url: str) ->
             one = httpx.get(f"{read_on}/v1/compare/{comparison_id}", timeout=30)
             assert one.status_code == 200 and [r["model"] for r in one.json()["results"]] == ["m"]
         assert len(httpx.get(f"{a}/v1/compare", timeout=30).json()["data"]) == 2
+
+
+def test_without_psycopg_the_config_and_the_store_say_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """psycopg is in the ``scale`` extra: a PostgreSQL results_db without it stops the start with a message saying
+    what to install (and so does opening the store directly, e.g. ``gateway compare --results-db``)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "psycopg" else real(name, *a))
+    backends = [{"name": "b", "base_url": "http://127.0.0.1:9", "models": ["m"]}]
+    with pytest.raises(ConfigError, match=r"pip install 'llm-compare-gateway\[scale\]'"):
+        settings_for(backends, [card("m", "qwen3", "Alibaba", "CN")], results_db="postgresql://u@127.0.0.1/db")
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg now fails
+    with pytest.raises(RuntimeError, match=r"pip install 'llm-compare-gateway\[scale\]'"):
+        open_store("postgresql://u@127.0.0.1/db")
