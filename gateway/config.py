@@ -1,5 +1,6 @@
 """Configuration: the only module that reads the gateway's settings: the YAML file, the ``GATEWAY_*`` defaults of
-``gateway serve`` and the keys the file names by environment variable (``api_key_env``, ``key_env``).
+``gateway serve`` and the keys the file names by environment variable (``api_key_env``, ``key_env``; the results
+store's ``results_db_password_env`` is only checked to be set: the store reads it when it connects).
 
 One YAML file describes the gateway, the model cards and the backends (see ``deploy/*.yaml``). It is validated
 once, at startup; a bad file raises :class:`ConfigError` whose message names the file and the field.
