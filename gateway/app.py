@@ -26,7 +26,7 @@ from gateway import __version__
 from gateway.api.responses import error_response
 from gateway.auth import Keyring
 from gateway.compare.mirror import Mirror
-from gateway.compare.store import Store
+from gateway.compare.store import open_store
 from gateway.compare.writer import StoreWriter
 from gateway.config import Settings
 from gateway.errors import (
@@ -78,10 +78,13 @@ def create_app(
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     metrics.describe(settings)
     pool = BackendPool(settings, metrics, transports)
-    # A short busy timeout: the writer retries a locked file itself, and so notices a stop between tries.
-    store = StoreWriter(
-        Store(settings.gateway.results_db, busy_timeout_s=1.0), metrics, max_rows=settings.gateway.results_queue_rows
-    )
+    # A short busy timeout: the writer retries a locked file itself, and so notices a stop between tries. A
+    # PostgreSQL store that cannot be reached at start does not stop the gateway: its rows are dropped and counted.
+    results = open_store(
+        settings.gateway.results_db, password_env=settings.gateway.results_db_password_env, busy_timeout_s=1.0,
+        required=False,
+    )  # fmt: skip
+    store = StoreWriter(results, metrics, max_rows=settings.gateway.results_queue_rows)
     recorder = Recorder(metrics)
     mirror = Mirror(settings, pool, metrics, store)
     recorder.on_pair = mirror.record_primary

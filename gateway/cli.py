@@ -169,6 +169,18 @@ def _compare_parser(sub: Any) -> None:
         help="environment variable holding the gateway's API key, when it has keys on (default GATEWAY_API_KEY; "
         "never pass a key on the command line, where ps shows it)",
     )
+    p.add_argument(
+        "--results-db",
+        metavar="URL_OR_PATH",
+        help="also write the run's rows to this results store (a gateway's results_db: a postgresql://user@host/db "
+        "URL without a password, or a SQLite file), so the run appears in the gateway's history",
+    )
+    p.add_argument(
+        "--results-db-password-env",
+        metavar="VAR",
+        help="environment variable holding the --results-db PostgreSQL password (default: libpq's PGPASSWORD "
+        "or ~/.pgpass)",
+    )
 
 
 def _keygen_parser(sub: Any) -> None:
@@ -339,7 +351,9 @@ def compare_run(args: argparse.Namespace) -> int:
     from gateway.compare import judge, report
     from gateway.compare import runs as compare
     from gateway.compare.arms import ArmError, arms, parse_variant_option
-    from gateway.compare.store import Store
+    from gateway.compare.store import SqliteStore, Store, open_store
+    from gateway.config import check_results_db
+    from gateway.errors import StoreUnavailable
 
     url = args.gateway.rstrip("/").removesuffix("/v1")
     if args.concurrency < 1 or args.repeat < 1 or args.max_tokens < 1 or args.warmup < 0:
@@ -347,6 +361,15 @@ def compare_run(args: argparse.Namespace) -> int:
             "error: --concurrency, --repeat and --max-tokens must be at least 1, --warmup at least 0", file=sys.stderr
         )
         return 2
+    shared: Store | None = None
+    if args.results_db:  # opened before the run: a store that cannot be reached stops it before any call
+        try:
+            shared = open_store(check_results_db(args.results_db), password_env=args.results_db_password_env)
+        except (ValueError, RuntimeError, StoreUnavailable) as exc:
+            why = str(exc).replace("gateway.results_db_password_env", "--results-db-password-env")
+            why = why.replace("gateway.results_db ", "--results-db ")
+            print(f"error: {why if why.startswith('--') else f'--results-db: {why}'}", file=sys.stderr)
+            return 2
     api_key = os.environ.get(args.api_key_env) or None
     try:
         prompts = compare.load_prompts(args.prompts, args.format)
@@ -392,9 +415,18 @@ def compare_run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     compare.add_list_cost(results, cards)
     args.out.mkdir(parents=True, exist_ok=True)
-    store = Store(args.out / "results.sqlite")
+    store = SqliteStore(args.out / "results.sqlite")
     store.add(results)
     store.close()
+    shared_failed = False
+    if shared is not None:
+        try:
+            shared.add(results)
+        except Exception as exc:  # the run's own files are still written
+            print(f"error: --results-db: the rows were not written to {shared.where}: {exc}", file=sys.stderr)
+            shared_failed = True
+        finally:
+            shared.close()
     judging = None
     if judge_model is not None:
         print(f"judging {len(judge.pairs(results))} pairs of answers with {judge_model}, both orders", flush=True)
@@ -409,8 +441,10 @@ def compare_run(args: argparse.Namespace) -> int:
     print(compare.table(results, cards))
     extra = ", judgements.csv" if judging else ""
     print(f"\nwrote {paths.html}, {paths.csv}, {paths.markdown}{extra} and {args.out / 'results.sqlite'}")
+    if shared is not None and not shared_failed:
+        print(f"and {len(results)} rows to {shared.where}")
     failed = sum(1 for r in results if r.error)
-    return 1 if failed == len(results) else 0
+    return 1 if failed == len(results) or shared_failed else 0
 
 
 def keygen(args: argparse.Namespace) -> int:

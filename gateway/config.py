@@ -1,5 +1,6 @@
 """Configuration: the only module that reads the gateway's settings: the YAML file, the ``GATEWAY_*`` defaults of
-``gateway serve`` and the keys the file names by environment variable (``api_key_env``, ``key_env``).
+``gateway serve`` and the keys the file names by environment variable (``api_key_env``, ``key_env``; the results
+store's ``results_db_password_env`` is only checked to be set: the store reads it when it connects).
 
 One YAML file describes the gateway, the model cards and the backends (see ``deploy/*.yaml``). It is validated
 once, at startup; a bad file raises :class:`ConfigError` whose message names the file and the field.
@@ -8,6 +9,7 @@ once, at startup; a bad file raises :class:`ConfigError` whose message names the
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -20,6 +22,32 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 ENV_VAR_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres_url(value: str) -> bool:
+    """A results store in PostgreSQL (anything else is a SQLite file, or ``:memory:``)."""
+    return value.startswith(POSTGRES_SCHEMES)
+
+
+def check_results_db(value: str) -> str:
+    """``value`` if it is usable as ``gateway.results_db`` (or ``gateway compare --results-db``); a ValueError
+    naming the setting when it is a PostgreSQL URL holding a password (the message does not repeat the URL)."""
+    if is_postgres_url(value):
+        parts = urlsplit(value)
+        if parts.password is not None or re.search(r"(^|&)password=", parts.query):
+            raise ValueError(
+                "gateway.results_db must not hold a password (user:password@ or ?password=): put it in an "
+                "environment variable and name it in gateway.results_db_password_env"
+            )
+    return value
+
+
+PSYCOPG_MISSING = (
+    "a PostgreSQL results store needs psycopg, which is not installed: pip install 'llm-compare-gateway[scale]'"
+)
 
 
 class ConfigError(Exception):
@@ -230,19 +258,26 @@ class GatewaySection(Strict):
     max_body_bytes: Annotated[int, Field(ge=1024, description="larger request bodies get 413")] = 16 * 1024 * 1024
     unhealthy_threshold: Annotated[int, Field(ge=1, description="failed checks in a row that take it out")] = 3
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    results_db: str = Field(default="results/gateway.sqlite", description="SQLite file of comparisons, or :memory:")
+    results_db: str = Field(
+        default="results/gateway.sqlite",
+        description="SQLite file of comparisons, :memory:, or a postgresql://user@host:port/dbname URL (no password)",
+    )
+    results_db_password_env: Annotated[str, Field(pattern=ENV_VAR_PATTERN)] | None = Field(
+        default=None,
+        description="environment variable holding the PostgreSQL results_db's password (unset: libpq's PGPASSWORD "
+        "or .pgpass)",
+    )
     results_queue_rows: Annotated[
         int, Field(ge=1, description="result rows waiting for the store's writer; beyond, new rows are dropped")
     ] = 10_000
-    results_db_password_env: str | None = Field(
-        default=None, description="environment variable holding the PostgreSQL password (results_db postgresql://)"
-    )
     limits_backend: str = Field(
         default="local",
         description="where API-key rpm/tpm buckets live: 'local' (this process) or redis://HOST:PORT/DB (shared by "
         "every worker and replica; no password in the URL)",
     )
-    limits_password_env: str | None = Field(default=None, description="environment variable holding Redis's password")
+    limits_password_env: Annotated[str, Field(pattern=ENV_VAR_PATTERN)] | None = Field(
+        default=None, description="environment variable holding Redis's password"
+    )
     limits_on_failure: Literal["fail_open", "fail_closed"] = Field(
         default="fail_open", description="when Redis does not answer: admit calls unchecked, or refuse them (503)"
     )
@@ -286,6 +321,17 @@ class GatewaySection(Strict):
         if not parts.hostname:
             raise ValueError(f"no host in {url!r}")
         return url
+
+    @field_validator("results_db")
+    @classmethod
+    def _results_db(cls, value: str) -> str:
+        return check_results_db(value)
+
+    @model_validator(mode="after")
+    def _password_env_needs_postgres(self) -> GatewaySection:
+        if self.results_db_password_env and not is_postgres_url(self.results_db):
+            raise ValueError("gateway.results_db_password_env is set, but gateway.results_db is not a PostgreSQL URL")
+        return self
 
 
 class Settings(Strict):
@@ -373,6 +419,19 @@ def parse_settings(data: Any, source: str) -> Settings:
             raise ConfigError(
                 f"{source}: backends[{i}].api_key_env: {backend.api_key_env} holds a line break or control character"
             )
+    var = settings.gateway.results_db_password_env
+    if var and not os.environ.get(var):
+        raise ConfigError(f"{source}: gateway.results_db_password_env: environment variable {var} is not set or empty")
+    if is_postgres_url(settings.gateway.results_db) and importlib.util.find_spec("psycopg") is None:
+        raise ConfigError(f"{source}: gateway.results_db: {PSYCOPG_MISSING}")
+    var = settings.gateway.limits_password_env
+    if var and not os.environ.get(var):
+        raise ConfigError(f"{source}: gateway.limits_password_env: environment variable {var} is not set or empty")
+    if settings.gateway.limits_backend != "local" and importlib.util.find_spec("redis") is None:
+        raise ConfigError(
+            f"{source}: gateway.limits_backend: redis:// needs the redis package: "
+            "pip install 'llm-compare-gateway[scale]'"
+        )
     return _client_keys_from_env(settings, source)
 
 

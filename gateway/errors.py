@@ -26,6 +26,7 @@ Every failure the gateway itself reports is one of these classes. Each class map
         ├── NoHealthyBackend        503  every replica is down or ejected               (Retry-After if ejected)
         ├── TooManyConnections      503  the listener is at gateway.max_connections     (Retry-After)
         ├── ShuttingDown            503  the gateway is draining
+        ├── StoreUnavailable        503  the results store (PostgreSQL) cannot be reached: a read of stored results
         ├── UpstreamUnreachable     502  connection refused / reset before a response
         ├── UpstreamTimeout         504  connect or read timeout
         ├── UpstreamBadResponse     502  non-JSON error page, malformed stream
@@ -166,6 +167,15 @@ class ShuttingDown(ServerError):
     status = 503
     type = "service_unavailable"
     code = "shutting_down"
+
+
+class StoreUnavailable(ServerError):
+    """The results store cannot be reached (a PostgreSQL server down or unreachable). Only reads of stored results
+    fail with it; a write is dropped and counted instead (``gateway.compare.writer``)."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "store_unavailable"
 
 
 class UpstreamUnreachable(ServerError):

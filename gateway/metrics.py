@@ -70,10 +70,10 @@ OVERHEAD_BUCKETS = refined((0.0001, 0.001, 0.01, 0.1, 1.0, 2.5, 5.0, 10.0, 30.0,
 ENDPOINTS = ("chat", "completions")
 NO_MODEL = "unknown"  # model label of a request that never resolved to a configured model
 NO_BACKEND = "none"  # backend label of a request that never reached a backend
-# Why a result row was not stored (gateway.compare.writer): the writer's queue was full, SQLite refused the write,
-# or the gateway stopped before the row could be written.
 LIMITS_OUTCOMES = ("admitted", "refused", "unsettled")  # gateway_limits_backend_errors_total{outcome}
-STORE_DROP_REASONS = ("queue_full", "write_failed", "stopped")
+# Why a result row was not stored (gateway.compare.writer): the writer's queue was full, the database refused the
+# write, could not be reached (PostgreSQL down), or the gateway stopped before the row could be written.
+STORE_DROP_REASONS = ("queue_full", "write_failed", "unavailable", "stopped")
 # How an answer failed the structure its request asked for (gateway.relay.validity says when each applies).
 TOOL_ERRORS = ("no_call", "unknown_tool", "invalid_json", "schema_mismatch")
 STRUCTURED_ERRORS = ("invalid_json", "schema_mismatch")

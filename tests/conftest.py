@@ -72,3 +72,7 @@ def stack() -> Iterator[Stack]:
     finally:
         for server in servers.values():
             server.__exit__()
+
+
+# A real PostgreSQL server for the results-store tests (tests/postgres.py): postgres, pg_url, store_url.
+from tests.postgres import pg_url, postgres, store_url  # noqa: E402, F401

@@ -22,7 +22,7 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
 from gateway.app import create_app
-from gateway.compare.store import CallResult, Store, measured
+from gateway.compare.store import CallResult, SqliteStore, measured, open_store
 from gateway.compare.writer import READ_WAIT_S, StoreWriter
 from gateway.config import ModelCard
 from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
@@ -63,7 +63,7 @@ def test_a_full_queue_drops_rows_counts_them_and_never_blocks(tmp_path: Path, ca
     with one log line, and no ``add`` waits (the old store waited out its 5 s busy timeout on every one)."""
     path = tmp_path / "results.sqlite"
     metrics = Metrics(CollectorRegistry())
-    writer = StoreWriter(Store(path, busy_timeout_s=1.0), metrics, max_rows=10)
+    writer = StoreWriter(SqliteStore(path, busy_timeout_s=1.0), metrics, max_rows=10)
     writer.start()
     slowest = 0.0
     with caplog.at_level(logging.WARNING, logger="gateway.compare.writer"), locked(path):
@@ -98,7 +98,7 @@ def test_a_read_sees_the_rows_added_before_it_without_blocking_the_loop(tmp_path
     process lets go of the file 0.3 s later), while the event loop goes on; a file that stays locked delays a
     read by ``READ_WAIT_S`` at most, then it reads what is there."""
     path = tmp_path / "results.sqlite"
-    writer = StoreWriter(Store(path, busy_timeout_s=1.0), Metrics(CollectorRegistry()))
+    writer = StoreWriter(SqliteStore(path, busy_timeout_s=1.0), Metrics(CollectorRegistry()))
     writer.start()
 
     async def read_while_ticking(comparison_id: str) -> tuple[list[CallResult], float, float]:
@@ -219,7 +219,7 @@ def test_with_the_results_file_locked_calls_go_on_and_a_clean_stop_writes_every_
         stopping.join(15)
     # 4 mirrored calls x 2 sides, 3 fan-outs x 2 models
     assert rows_in(path) == 14
-    with contextlib.closing(Store(path)) as store:
+    with contextlib.closing(SqliteStore(path)) as store:
         kinds = [str(c["kind"]) for c in store.recent()]
     assert sorted(kinds) == ["fanout"] * 3 + ["mirror"] * 4
 
@@ -315,7 +315,7 @@ def test_a_results_file_from_before_the_reasoning_columns_opens_and_reads(tmp_pa
     """A store made by an older version (no variant, ttfat_s, ... columns) gets them added when opened; its old
     rows read the defaults, new rows keep everything."""
 
-    from gateway.compare.store import CallResult, Store
+    from gateway.compare.store import CallResult, SqliteStore
 
     path = tmp_path / "old.sqlite"
     old = sqlite3.connect(path)
@@ -330,10 +330,63 @@ def test_a_results_file_from_before_the_reasoning_columns_opens_and_reads(tmp_pa
                 "3, 4, 1.0)")  # fmt: skip
     old.commit()
     old.close()
-    store = Store(path)
+    store = SqliteStore(path)
     store.add([CallResult(comparison_id="c", kind="run", model="m", variant="nothink", ttfat_s=0.5,
                           reasoning_tokens=7, reasoning_text="hmm")])  # fmt: skip
     before, after = store.comparison("c")
     store.close()
     assert (before.variant, before.reasoning_tokens, before.ttfat_s, before.arm) == ("", 0, None, "m")
     assert (after.arm, after.reasoning_tokens, after.ttfat_s, after.reasoning_text) == ("m+nothink", 7, 0.5, "hmm")
+
+
+# -- both backends: SQLite and PostgreSQL (tests/postgres.py) ----------------------------------------------------
+def test_a_store_reads_back_what_it_wrote(store_url: str) -> None:
+    """Every column comes back as written (None, floats, unicode, long text), a comparison's rows in the order they
+    were added; ``recent`` lists comparisons newest first with their kind, models, calls and errors."""
+    full = CallResult(
+        comparison_id="cmp-a", kind="fanout", model="m2", prompt_id="p1", prompt_category="chinese", repeat=2,
+        backend="b", family="qwen3", origin="CN", ttft_s=0.125, tpot_s=0.01, e2e_s=1.5, prompt_tokens=7,
+        completion_tokens=30, output_tps=100.0, cost_gpu_usd=1e-6, cost_list_usd=2.5e-5, finish_reason="stop",
+        text="你好 " * 2000, created_at=1000.5, variant="nothink", ttfat_s=0.2, reasoning_s=0.05, reasoning_tokens=4,
+        reasoning_source="chunks", answer_tokens=26, empty_answer=0, think_in_content=1, reasoning_text="hmm",
+        prompt_lang="zh", correct=1, score=1.0, grade_detail="", cached_tokens=3, output_chars=4000,
+    )  # fmt: skip
+    failed = CallResult(comparison_id="cmp-a", kind="fanout", model="m1", error="boom", created_at=1000.0)
+    later = [CallResult(comparison_id="cmp-b", kind="mirror", model="m", created_at=2000.0 + i) for i in range(3)]
+    store = open_store(store_url)
+    try:
+        store.add([full, failed])
+        store.add(later)
+        store.add([])
+        assert store.comparison("cmp-a") == [full, failed]
+        assert store.comparison("nope") == []
+        assert store.recent() == [
+            {"id": "cmp-b", "kind": "mirror", "created_at": 2000.0, "models": ["m"], "calls": 3, "errors": 0},
+            {"id": "cmp-a", "kind": "fanout", "created_at": 1000.0, "models": ["m1", "m2"], "calls": 2, "errors": 1},
+        ]
+        assert [c["id"] for c in store.recent(limit=1)] == ["cmp-b"]
+        unstamped = CallResult(comparison_id="cmp-c", kind="run", model="m")
+        store.add([unstamped])
+        assert abs(store.comparison("cmp-c")[0].created_at - time.time()) < 60
+    finally:
+        store.close()
+    with contextlib.closing(open_store(store_url)) as again:  # opened again: the schema is there, rows kept
+        assert [r.model for r in again.comparison("cmp-a")] == ["m2", "m1"]
+
+
+def test_the_writer_queues_writes_and_reads_its_own_writes(store_url: str) -> None:
+    """Through ``StoreWriter``: a read right after ``add`` sees the rows (flush before read), nothing is dropped,
+    and a clean stop writes what is still queued."""
+    metrics = Metrics(CollectorRegistry())
+    writer = StoreWriter(open_store(store_url), metrics)
+    writer.start()
+    for i in range(20):
+        writer.add([row(i), CallResult(comparison_id=f"c{i}", kind="fanout", model="other")])
+    listed = asyncio.run(writer.recent(500))
+    assert len(listed) == 20 and all(c["calls"] == 2 for c in listed)
+    assert [r.model for r in asyncio.run(writer.comparison("c7"))] == ["m", "other"]
+    writer.add([row(100)])
+    writer.stop()
+    assert metric(generate_latest(metrics.registry).decode(), "gateway_store_dropped_rows_total") == 0
+    with contextlib.closing(open_store(store_url)) as store:
+        assert [r.comparison_id for r in store.comparison("c100")] == ["c100"]

@@ -255,9 +255,10 @@ async def recent(request: Request, limit: int = 50) -> Response:
     gw: Gateway = request.app.state.gateway
     try:
         _admin_only(request)
-    except GatewayError as err:
+        listed = await gw.store.recent(max(1, min(limit, 500)))
+    except GatewayError as err:  # StoreUnavailable: the PostgreSQL store cannot be reached (503)
         return error_response(err)
-    return JSONResponse({"object": "list", "data": await gw.store.recent(max(1, min(limit, 500)))})
+    return JSONResponse({"object": "list", "data": listed})
 
 
 @router.get("/v1/compare/{comparison_id}", response_model=None)
@@ -265,9 +266,9 @@ async def one_comparison(request: Request, comparison_id: str) -> Response:
     gw: Gateway = request.app.state.gateway
     try:
         _admin_only(request)
-    except GatewayError as err:
+        rows = await gw.store.comparison(comparison_id)
+    except GatewayError as err:  # StoreUnavailable: the PostgreSQL store cannot be reached (503)
         return error_response(err)
-    rows = await gw.store.comparison(comparison_id)
     if not rows:
         return error_response(NotFound(f"no comparison {comparison_id!r}"))
     return JSONResponse({"id": comparison_id, "results": [as_dict(r) for r in rows]})

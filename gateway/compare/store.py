@@ -1,4 +1,5 @@
-"""Results store: one row per call of a comparison (fan-out, comparison run, or mirrored pair), in SQLite.
+"""Results store: one row per call of a comparison (fan-out, comparison run, or mirrored pair), in SQLite or
+PostgreSQL (:func:`open_store` picks by ``gateway.results_db``; the PostgreSQL side is ``gateway.compare.store_pg``).
 
 Schema (table ``results``; one row per (comparison id, prompt, repeat, model)):
 
@@ -47,6 +48,11 @@ output_chars       INTEGER  characters generated (answer and reasoning), for per
 
 Columns added after a store file was created are added to it when it is opened (``ALTER TABLE ... ADD COLUMN``),
 so an older results file keeps working; its old rows read the new columns as NULL or their defaults.
+
+In PostgreSQL the table is the same but for its types: ``id`` is a ``BIGINT`` identity, INTEGER columns are
+``BIGINT`` and REAL ones ``DOUBLE PRECISION``. Its schema is made, and migrated the same way (``ADD COLUMN IF NOT
+EXISTS``, same defaults), when a gateway process first connects, under an advisory lock: processes starting at once
+against an empty database do not trip over each other.
 """
 
 from __future__ import annotations
@@ -57,8 +63,9 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Protocol
 
-from gateway.config import ModelCard
+from gateway.config import ModelCard, is_postgres_url
 from gateway.cost import list_price_usd
 from gateway.relay.sse import StreamObserver, Usage, split_answer
 
@@ -204,10 +211,80 @@ SCHEMA = (
 )
 
 
-class Store:
-    """A SQLite file (or ``:memory:``), used synchronously from any thread, one statement at a time. ``gateway
-    compare`` writes its results with it directly; in the gateway only the writer thread and the reads' threads
-    touch it (``gateway.compare.writer``), never the event loop."""
+class Store(Protocol):
+    """What the gateway and ``gateway compare`` need of a results store; :func:`open_store` makes one. Used
+    synchronously, from any thread: in the gateway only the writer thread and the reads' threads touch it
+    (``gateway.compare.writer``), never the event loop. A store that cannot be reached raises
+    :class:`gateway.errors.StoreUnavailable` (PostgreSQL only; a SQLite file is always there)."""
+
+    @property
+    def where(self) -> str:
+        """The file or URL, for log lines (never a password: neither form holds one)."""
+        ...
+
+    def add(self, results: Iterable[CallResult]) -> None:
+        """Insert the rows in one transaction: all of them or none."""
+        ...
+
+    def comparison(self, comparison_id: str) -> list[CallResult]:
+        """The rows of one comparison, in the order they were added."""
+        ...
+
+    def recent(self, limit: int = 50) -> list[dict[str, object]]:
+        """The latest comparisons, newest first: id, kind, when, models, calls and errors."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def open_store(
+    where: Path | str, *, password_env: str | None = None, busy_timeout_s: float = 5.0,
+    connect_timeout_s: float = 3.0, required: bool = True,
+) -> Store:  # fmt: skip
+    """The results store ``where`` names: a ``postgresql://`` (or ``postgres://``) URL, else a SQLite file or
+    ``:memory:``. For PostgreSQL the password comes from the environment variable ``password_env`` (unset: libpq's
+    own PGPASSWORD or .pgpass), ``connect_timeout_s`` bounds each connection attempt, and a server that cannot be
+    reached raises :class:`gateway.errors.StoreUnavailable` when ``required``, else the store connects (and makes
+    its schema) at its first use. ``busy_timeout_s`` is SQLite's wait for another process's write lock."""
+    if is_postgres_url(str(where)):
+        from gateway.compare.store_pg import PostgresStore
+
+        return PostgresStore(
+            str(where), password_env=password_env, connect_timeout_s=connect_timeout_s, required=required
+        )
+    return SqliteStore(where, busy_timeout_s=busy_timeout_s)
+
+
+def values(results: Iterable[CallResult]) -> list[tuple[object, ...]]:
+    """The rows to insert, in ``COLUMNS`` order; a row without a start time is stamped now."""
+    now = time.time()
+    return [tuple(getattr(r, c) if c != "created_at" or r.created_at else now for c in COLUMNS) for r in results]
+
+
+def recent_sql(models: str, placeholder: str) -> str:
+    """The query of :meth:`Store.recent`, given the dialect's aggregate of the distinct models and its
+    placeholder. A comparison has one kind: MIN picks it in both dialects."""
+    return (
+        f"SELECT comparison_id, MIN(kind), MIN(created_at), {models}, COUNT(*), COUNT(error) FROM results "
+        f"GROUP BY comparison_id ORDER BY MIN(created_at) DESC LIMIT {placeholder}"
+    )
+
+
+def recent_rows(rows: Iterable[Sequence[object]]) -> list[dict[str, object]]:
+    return [
+        {"id": r[0], "kind": r[1], "created_at": r[2], "models": sorted(str(r[3]).split(",")),
+         "calls": r[4], "errors": r[5]}
+        for r in rows
+    ]  # fmt: skip
+
+
+def call_results(rows: Iterable[Sequence[object]]) -> list[CallResult]:
+    return [CallResult(**dict(zip(COLUMNS, row, strict=True))) for row in rows]  # type: ignore[arg-type]
+
+
+class SqliteStore:
+    """A SQLite file (or ``:memory:``), one statement at a time under a lock. ``gateway compare`` writes its
+    ``results.sqlite`` with it."""
 
     def __init__(self, path: Path | str, *, busy_timeout_s: float = 5.0) -> None:
         if str(path) != ":memory:":
@@ -225,11 +302,13 @@ class Store:
                 self._db.execute(f"ALTER TABLE results ADD COLUMN {column} {_TYPES.get(column, 'TEXT')}{default}")
         self._lock = threading.Lock()
 
+    @property
+    def where(self) -> str:
+        return self.path
+
     def add(self, results: Iterable[CallResult]) -> None:
         """Insert the rows in one transaction: all of them or, if SQLite refuses (a locked file), none."""
-        rows = [
-            tuple(getattr(r, c) if c != "created_at" or r.created_at else time.time() for c in COLUMNS) for r in results
-        ]
+        rows = values(results)
         if not rows:
             return
         with self._lock:
@@ -245,28 +324,16 @@ class Store:
                 raise
 
     def comparison(self, comparison_id: str) -> list[CallResult]:
-        return self._select("WHERE comparison_id = ? ORDER BY id", (comparison_id,))
-
-    def recent(self, limit: int = 50) -> list[dict[str, object]]:
-        """The latest comparisons, newest first: id, kind, when, models and the first prompt's category."""
         with self._lock:
             cur = self._db.execute(
-                "SELECT comparison_id, kind, MIN(created_at), GROUP_CONCAT(DISTINCT model), COUNT(*), "
-                "SUM(error IS NOT NULL) FROM results GROUP BY comparison_id ORDER BY MIN(created_at) DESC LIMIT ?",
-                (limit,),
+                f"SELECT {', '.join(COLUMNS)} FROM results WHERE comparison_id = ? ORDER BY id", (comparison_id,)
             )
-            rows = cur.fetchall()
-        return [
-            {"id": r[0], "kind": r[1], "created_at": r[2], "models": sorted(str(r[3]).split(",")),
-             "calls": r[4], "errors": r[5]}
-            for r in rows
-        ]  # fmt: skip
+            return call_results(cur.fetchall())
 
-    def _select(self, where: str, params: Sequence[object]) -> list[CallResult]:
+    def recent(self, limit: int = 50) -> list[dict[str, object]]:
         with self._lock:
-            cur = self._db.execute(f"SELECT {', '.join(COLUMNS)} FROM results {where}", tuple(params))
-            rows = cur.fetchall()
-        return [CallResult(**dict(zip(COLUMNS, row, strict=True))) for row in rows]
+            rows = self._db.execute(recent_sql("GROUP_CONCAT(DISTINCT model)", "?"), (limit,)).fetchall()
+        return recent_rows(rows)
 
     def close(self) -> None:
         with self._lock:

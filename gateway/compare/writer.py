@@ -1,7 +1,8 @@
 """The results store off the event loop: one writer thread per gateway process, fed through a bounded queue.
 
-The event loop never waits for SQLite. ``add`` (called at the end of a relayed call that mirroring sampled, by a
-mirror, by a fan-out) only puts the rows on a queue and returns: it never blocks and never raises. The queue holds
+The event loop never waits for the store (SQLite or PostgreSQL). ``add`` (called at the end of a relayed call that
+mirroring sampled, by a mirror, by a fan-out) only puts the rows on a queue and returns: it never blocks and never
+raises. The queue holds
 at most ``gateway.results_queue_rows`` rows (queued or being written); rows that do not fit are dropped, counted in
 ``gateway_store_dropped_rows_total{reason="queue_full"}`` and logged at most once every ``LOG_EVERY_S``.
 
@@ -10,14 +11,20 @@ of ``gateway serve --workers N``, a backup, someone's ``sqlite3`` shell) it keep
 calls go on and the queue fills, instead of every stream of the worker stalling. A write SQLite refuses for any
 other reason (disk full, a damaged file) is dropped, counted (``write_failed``) and logged.
 
+A PostgreSQL store that cannot be reached (the server down, the connection refused or lost during the write) is not
+waited for: the batch is dropped, counted (``unavailable``) and logged at most once every ``LOG_EVERY_S``, and the
+next batch connects again (each try bounded by the connect timeout). A write the server refuses (a constraint) is
+``write_failed``. A read of a store that cannot be reached raises ``gateway.errors.StoreUnavailable``: a 503.
+
 Reads (``GET /v1/compare``, ``/v1/compare/{id}``, the /ui history) run in a thread (``asyncio.to_thread``) and
 flush first: they wait, up to ``READ_WAIT_S``, until every row added before the read was asked for is written.
 So a comparison can be read as soon as its answer went out (read-your-writes within the process; the rows of other
 workers appear once their own writers commit).
 
 The app's lifespan starts the thread before serving and, at shutdown, ``stop`` lets it write everything queued
-before it ends (nothing is lost on a clean stop). Only a file that stays locked for ``stop_timeout_s`` makes it
-give up: those rows are counted as ``stopped`` and logged, as are rows added after the stop.
+before it ends (nothing is lost on a clean stop, unless PostgreSQL cannot be reached). Only a file that stays
+locked for ``stop_timeout_s`` makes it give up: those rows are counted as ``stopped`` and logged, as are rows
+added after the stop.
 """
 
 from __future__ import annotations
@@ -33,12 +40,14 @@ from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from gateway.compare.store import CallResult, Store
+from gateway.errors import StoreUnavailable
 from gateway.metrics import STORE_DROP_REASONS, Metrics
 
 log = logging.getLogger("gateway.compare.writer")
 T = TypeVar("T")
 
-LOG_EVERY_S = 10.0  # at most one log line per this many seconds about dropped rows, one about a locked file
+LOG_EVERY_S = 10.0  # at most one log line per this many seconds about dropped rows, one about a locked file, one
+# about a store that cannot be reached
 RETRY_S = 0.1  # pause between tries while the file is locked (each try already waited the busy timeout)
 READ_WAIT_S = 2.0  # longest a read waits for earlier rows to be written (then it reads what is there)
 BATCH_ROWS = 1000  # rows per transaction at most: a backlog is written in a few transactions, not one per call
@@ -70,7 +79,7 @@ class StoreWriter:
         self._closed = False  # stop() was called: rows added from now on are dropped
         self._giving_up = threading.Event()  # the stop timeout is over: drop what is left instead of retrying
         self._thread: threading.Thread | None = None
-        self._logged_drop = self._logged_lock = -math.inf
+        self._logged_drop = self._logged_lock = self._logged_unavailable = -math.inf
         self._unlogged: dict[str, int] = {}
 
     # -- the event loop's side ----------------------------------------------------------------------------------
@@ -168,6 +177,10 @@ class StoreWriter:
             try:
                 self.store.add(rows)
                 return
+            except StoreUnavailable as exc:
+                self._note_unavailable(exc)
+                self._drop(len(rows), "unavailable")
+                return
             except sqlite3.OperationalError as exc:
                 if not _locked(exc):
                     log.error("results store: %d rows not written: %s", len(rows), exc)
@@ -197,4 +210,10 @@ class StoreWriter:
         now = self._clock()
         if now - self._logged_lock >= LOG_EVERY_S:
             self._logged_lock = now
-            log.warning("results store %s is locked by another process; %d rows wait", self.store.path, self._pending)
+            log.warning("results store %s is locked by another process; %d rows wait", self.store.where, self._pending)
+
+    def _note_unavailable(self, exc: StoreUnavailable) -> None:
+        now = self._clock()
+        if now - self._logged_unavailable >= LOG_EVERY_S:
+            self._logged_unavailable = now
+            log.warning("%s; its rows are dropped until it is back", exc.message)
