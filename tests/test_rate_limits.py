@@ -133,3 +133,19 @@ def test_a_fan_out_to_n_models_counts_n_requests_and_reserves_for_each() -> None
             <= left
             <= 1000 - used - reservation(chat(1, model="m1")) + 20
         )
+
+
+def test_calls_refused_by_their_key_are_counted_as_rejected() -> None:
+    """A call over its key's limits is refused by its handler (the body says what it costs), not by the Guard: it
+    counts in gateway_rejected_total like the Guard's refusals, under its model (a fan-out's: unknown)."""
+    with limited({"rpm": 2}, models=("m", "n")) as url:
+        assert httpx.post(f"{url}/v1/chat/completions", json=chat(4), headers=AUTH, timeout=30).status_code == 200
+        assert httpx.post(f"{url}/v1/chat/completions", json=chat(4), headers=AUTH, timeout=30).status_code == 200
+        assert httpx.post(f"{url}/v1/chat/completions", json=chat(4), headers=AUTH, timeout=30).status_code == 429
+        fanout = {"models": ["m", "n"], "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+        assert (
+            httpx.post(f"{url}/v1/compare/chat/completions", json=fanout, headers=AUTH, timeout=30).status_code == 429
+        )
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+    assert metric(text, "gateway_rejected_total", model="m", reason="rate_limited") == 1
+    assert metric(text, "gateway_rejected_total", model="unknown", reason="rate_limited") == 1

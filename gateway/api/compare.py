@@ -38,6 +38,7 @@ from gateway.errors import (
     ServerError,
     ShuttingDown,
 )
+from gateway.metrics import NO_MODEL
 from gateway.protocol import Endpoint, ParsedRequest, json_object, openapi_body, parse_body
 from gateway.relay.asgi import race_disconnect
 from gateway.state import Gateway
@@ -130,6 +131,7 @@ async def fanout(request: Request, endpoint: Endpoint) -> Response:
         else:
             charges = [None] * len(found)
     except GatewayError as err:
+        gw.recorder.refused(NO_MODEL, err)  # a fan-out names several models
         return error_response(err, request_id)
     cards = [gw.settings.card(arm.model) for arm in found]
     bodies = [arm.body(body) for arm in found]

@@ -131,6 +131,7 @@ async def proxy(gw: Gateway, request: Request, endpoint: Endpoint) -> Response:
         }
         body = upstream_body(parsed, raw, model)
     except GatewayError as err:
+        gw.recorder.refused(ex.model, err)
         gw.recorder.failed(ex, err.status)
         return error_response(err, ex.request_id)
 

@@ -37,7 +37,15 @@ from starlette.types import Receive, Scope, Send
 from gateway.auth import Client
 from gateway.config import ModelCard
 from gateway.cost import list_price_usd
-from gateway.errors import GatewayError, ShuttingDown, UpstreamBadResponse, UpstreamStreamError, status_reason
+from gateway.errors import (
+    GatewayError,
+    PermissionDenied,
+    RateLimited,
+    ShuttingDown,
+    UpstreamBadResponse,
+    UpstreamStreamError,
+    status_reason,
+)
 from gateway.metrics import NO_BACKEND, NO_MODEL, Metrics, observe_all
 from gateway.protocol import Endpoint
 from gateway.relay.asgi import ClientWatch, send_now
@@ -87,6 +95,15 @@ class Recorder:
     def failed(self, ex: Exchange, status: int) -> None:
         self.metrics.requests_of(ex.model, ex.backend, ex.endpoint, status).inc()
         settle(ex, status, None)
+
+    def refused(self, model: str, err: GatewayError) -> None:
+        """Count a call its API key may not make (``gateway_rejected_total``): over its limits, or a model it may
+        not use. The Guard counts the refusals it makes itself; these are the handlers', once the body is read."""
+        reason = "rate_limited" if isinstance(err, RateLimited) else None
+        if isinstance(err, PermissionDenied):
+            reason = "forbidden"
+        if reason is not None:
+            self.metrics.rejected.labels(model, reason).inc()
 
     def finished(
         self,
