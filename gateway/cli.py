@@ -352,8 +352,8 @@ def compare_run(args: argparse.Namespace) -> int:
     from gateway.compare import runs as compare
     from gateway.compare.arms import ArmError, arms, parse_variant_option
     from gateway.compare.store import SqliteStore, Store, open_store
-    from gateway.config import check_results_db
     from gateway.errors import StoreUnavailable
+    from gateway.state_urls import check_results_db
 
     url = args.gateway.rstrip("/").removesuffix("/v1")
     if args.concurrency < 1 or args.repeat < 1 or args.max_tokens < 1 or args.warmup < 0:

@@ -9,7 +9,6 @@ once, at startup; a bad file raises :class:`ConfigError` whose message names the
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import re
 from pathlib import Path
@@ -20,34 +19,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.state_urls import (
+    check_limits_backend,
+    check_results_db,
+    is_postgres_url,
+    state_problems,
+)
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 ENV_VAR_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
-
-
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")
-
-
-def is_postgres_url(value: str) -> bool:
-    """A results store in PostgreSQL (anything else is a SQLite file, or ``:memory:``)."""
-    return value.startswith(POSTGRES_SCHEMES)
-
-
-def check_results_db(value: str) -> str:
-    """``value`` if it is usable as ``gateway.results_db`` (or ``gateway compare --results-db``); a ValueError
-    naming the setting when it is a PostgreSQL URL holding a password (the message does not repeat the URL)."""
-    if is_postgres_url(value):
-        parts = urlsplit(value)
-        if parts.password is not None or re.search(r"(^|&)password=", parts.query):
-            raise ValueError(
-                "gateway.results_db must not hold a password (user:password@ or ?password=): put it in an "
-                "environment variable and name it in gateway.results_db_password_env"
-            )
-    return value
-
-
-PSYCOPG_MISSING = (
-    "a PostgreSQL results store needs psycopg, which is not installed: pip install 'llm-compare-gateway[scale]'"
-)
 
 
 class ConfigError(Exception):
@@ -311,16 +291,7 @@ class GatewaySection(Strict):
     @field_validator("limits_backend")
     @classmethod
     def _limits_backend(cls, url: str) -> str:
-        if url == "local":
-            return url
-        parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss"):
-            raise ValueError(f"must be 'local' or a redis:// or rediss:// URL, not {url!r}")
-        if parts.password is not None:
-            raise ValueError("no password in the URL: name the environment variable holding it in limits_password_env")
-        if not parts.hostname:
-            raise ValueError(f"no host in {url!r}")
-        return url
+        return check_limits_backend(url)
 
     @field_validator("results_db")
     @classmethod
@@ -419,19 +390,8 @@ def parse_settings(data: Any, source: str) -> Settings:
             raise ConfigError(
                 f"{source}: backends[{i}].api_key_env: {backend.api_key_env} holds a line break or control character"
             )
-    var = settings.gateway.results_db_password_env
-    if var and not os.environ.get(var):
-        raise ConfigError(f"{source}: gateway.results_db_password_env: environment variable {var} is not set or empty")
-    if is_postgres_url(settings.gateway.results_db) and importlib.util.find_spec("psycopg") is None:
-        raise ConfigError(f"{source}: gateway.results_db: {PSYCOPG_MISSING}")
-    var = settings.gateway.limits_password_env
-    if var and not os.environ.get(var):
-        raise ConfigError(f"{source}: gateway.limits_password_env: environment variable {var} is not set or empty")
-    if settings.gateway.limits_backend != "local" and importlib.util.find_spec("redis") is None:
-        raise ConfigError(
-            f"{source}: gateway.limits_backend: redis:// needs the redis package: "
-            "pip install 'llm-compare-gateway[scale]'"
-        )
+    for problem in state_problems(settings.gateway):
+        raise ConfigError(f"{source}: {problem}")
     return _client_keys_from_env(settings, source)
 
 

@@ -7,6 +7,7 @@ request that asks for no structure keeps the observer's fast path (nothing kept,
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -129,6 +130,16 @@ def live() -> Iterator[tuple[str, dict[str, str], Spy]]:
         yield s
 
 
+def _the_observer(spy: Spy) -> StreamObserver | None:
+    """The one call's observer. The gateway records a stream just after its last bytes went out, so the client
+    may have them first: wait for it (it failed once as a race under a loaded parallel run)."""
+    deadline = time.monotonic() + 10
+    while not spy.observers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (observer,) = spy.observers
+    return observer
+
+
 def _post(url: str, body: dict[str, Any]) -> bytes:
     r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10)
     assert r.status_code == 200, r.text
@@ -225,13 +236,13 @@ def test_a_request_without_tools_keeps_the_fast_path(live: tuple[str, dict[str, 
     before = _errors(gw, model)
     spy.observers.clear()
     _post(gw, {"model": model, "messages": MSG, "stream": True})
-    (observer,) = spy.observers
+    observer = _the_observer(spy)
     assert observer is not None and not observer.keep_text
     assert observer.tool_calls == {} and observer.text == []
     assert _errors(gw, model) == before
     spy.observers.clear()
     _post(gw, {"model": model, "messages": MSG, "stream": True, "tools": [WEATHER]})
-    (observer,) = spy.observers
+    observer = _the_observer(spy)
     assert observer is not None and observer.keep_text and len(observer.tool_calls) == 3
 
 

@@ -65,9 +65,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Protocol
 
-from gateway.config import ModelCard, is_postgres_url
+from gateway.config import ModelCard
 from gateway.cost import list_price_usd
 from gateway.relay.sse import StreamObserver, Usage, split_answer
+from gateway.state_urls import is_postgres_url
 
 
 @dataclass(slots=True)

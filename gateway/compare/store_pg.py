@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.compare.store import _DEFAULTS, _TYPES, COLUMNS, CallResult, call_results, recent_rows, recent_sql, values
-from gateway.config import PSYCOPG_MISSING
 from gateway.errors import StoreUnavailable
+from gateway.state_urls import PSYCOPG_MISSING
 
 if TYPE_CHECKING:
     import psycopg
