@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 
 from gateway.errors import RateLimited, ServerError
 from gateway.metrics import LIMITS_OUTCOMES
+from gateway.resp import Redis, Script
 
 if TYPE_CHECKING:
     from gateway.metrics import Metrics
@@ -197,25 +198,14 @@ class SharedLimits:
         self, url: str, metrics: Metrics, *, password_env: str | None = None, timeout_s: float = 0.25,
         on_failure: Literal["fail_open", "fail_closed"] = "fail_open", clock: Callable[[], float] = time.monotonic,
     ) -> None:  # fmt: skip
-        try:
-            import redis.asyncio as aioredis
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
-        except ImportError as exc:  # pragma: no cover - the 'scale' extra is installed in every supported setup
-            raise RuntimeError(
-                "limits_backend: redis:// needs the redis package: pip install 'llm-compare-gateway[scale]'"
-            ) from exc
         password = None
         if password_env is not None:
             password = os.environ.get(password_env)
             if password is None:
                 raise RuntimeError(f"limits_password_env: the environment variable {password_env} is not set")
         self.url, self.timeout_s, self.on_failure, self._clock = url, timeout_s, on_failure, clock
-        self.redis = aioredis.Redis.from_url(
-            url, password=password, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0), health_check_interval=0,
-        )  # fmt: skip
-        self.script = self.redis.register_script(SCRIPT)
+        self.redis = Redis(url, password=password, timeout_s=timeout_s)
+        self.script = Script(self.redis, SCRIPT)
         self._errors = {o: metrics.limits_backend_errors.labels(o) for o in LIMITS_OUTCOMES}
         self._skip_until = -math.inf
         self._logged = -math.inf
@@ -226,9 +216,8 @@ class SharedLimits:
         if self._clock() < self._skip_until:
             return None
         try:
-            async with asyncio.timeout(self.timeout_s * 2):
-                answer: list[Any] = await self.script(keys=keys, args=args)
-                return answer
+            answer: list[Any] = await self.script(keys, args)
+            return answer
         except Exception as exc:  # connection refused, timeout, auth, a script error: all mean "no answer"
             self._skip_until = self._clock() + RETRY_AFTER_S
             now = self._clock()
@@ -257,7 +246,7 @@ class SharedLimits:
 
     async def aclose(self) -> None:
         await self.drain()
-        await self.redis.aclose()
+        await self.redis.close()
 
 
 def _safe(url: str) -> str:

@@ -60,8 +60,8 @@ def check_limits_backend(url: str) -> str:
 
 
 def state_problems(g: StateSettings) -> list[str]:
-    """What keeps the shared-state settings from working on this machine: a password variable not set, a client
-    library not installed."""
+    """What keeps the shared-state settings from working on this machine: a password variable not set, psycopg not
+    installed."""
     problems = []
     for setting, var in (("results_db_password_env", g.results_db_password_env),
                          ("limits_password_env", g.limits_password_env)):  # fmt: skip
@@ -69,8 +69,4 @@ def state_problems(g: StateSettings) -> list[str]:
             problems.append(f"gateway.{setting}: environment variable {var} is not set or empty")
     if is_postgres_url(g.results_db) and importlib.util.find_spec("psycopg") is None:
         problems.append(f"gateway.results_db: {PSYCOPG_MISSING}")
-    if g.limits_backend != "local" and importlib.util.find_spec("redis") is None:
-        problems.append(
-            "gateway.limits_backend: redis:// needs the redis package: pip install 'llm-compare-gateway[scale]'"
-        )
     return problems

@@ -335,3 +335,20 @@ def test_the_alert_fires_while_redis_does_not_answer(tmp_path: Path) -> None:
     assert promtool, "promtool is not installed (Debian's prometheus package; .ci/run installs it)"
     run = subprocess.run([promtool, "test", "rules", str(path)], capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_the_admission_cost_benchmark_runs(redis: RedisServer) -> None:
+    """``python -m loadtests.limits`` (the README's figures): four rows, each with a positive cost."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtests.limits", "--redis", redis.url, "--calls", "100", "--rounds", "1"],
+        capture_output=True, text=True, timeout=120, check=False, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()[1:]
+    assert [line[:24].strip() for line in lines] == [
+        "local, one at a time", "local, 50 at once", "redis, one at a time", "redis, 50 at once"
+    ], done.stdout  # fmt: skip
+    assert all(float(line[24:].split()[1]) > 0 for line in lines), done.stdout  # the CPU column
