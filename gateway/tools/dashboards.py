@@ -186,6 +186,15 @@ def _gateway() -> list[Panel]:
               "Answers to requests with tools or response_format that broke it, checked after the call ended: "
               "no_call (a call was required), unknown_tool, invalid_json, schema_mismatch. Alerts: "
               "GatewayToolCallErrors, GatewayStructuredOutputErrors (over 5% of checked calls for 10 minutes)."),
+        Panel(d, "Shared state", "Limit checks skipped and result rows dropped /s",
+              (Query(f"sum by (outcome) (rate(gateway_limits_backend_errors_total[{RATE}]))", "limits {{outcome}}",
+                     ("outcome",)),
+               Query(f"sum by (reason) (rate(gateway_store_dropped_rows_total[{RATE}]))", "rows dropped {{reason}}",
+                     ("reason",))), "short",
+              "Zero when all is well. limits: calls whose API-key limits Redis did not check (gateway.limits_backend): "
+              "admitted unchecked (fail_open), refused with 503 (fail_closed), a refund or charge lost; alert "
+              "GatewayLimitsBackendErrors. rows dropped: results not stored: queue_full, write_failed, unavailable "
+              "(PostgreSQL cannot be reached), stopped."),
         Panel(d, "Overhead", "Mean TTFT: gateway vs vLLM",
               (Query(gw_ttft, "{{model}} gateway", ("model",)), Query(vllm_ttft, "{{model}} vLLM", ("model",))),
               "s", "vLLM starts its clock at tokenization, the gateway at receipt of the request."),
