@@ -4,7 +4,10 @@ Dockerfiles structurally, and every config they mount loaded by the gateway's ow
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -552,3 +555,34 @@ def test_compose_shared_state_stores_and_gateways() -> None:
         assert depends["postgres"] == depends["redis"] == {"condition": "service_healthy"}, name
         assert set(compose()["services"][name]["depends_on"]) < set(depends)  # the backends kept
         assert set(gateway["profiles"]) == set(compose()["services"][name]["profiles"])
+
+
+def docker_compose(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("docker-compose")
+    assert exe, "docker-compose is not installed (Debian's docker-compose; .ci/run installs it)"
+    return subprocess.run([exe, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_docker_compose_itself_merges_the_shared_state_file_as_the_hand_merge_does() -> None:
+    """Compose (Debian's docker-compose 1.29, which needs no engine for `config`) reads both files: the stacks
+    without shared state start with no store passwords, with it they refuse to, and its merge gives the gateway
+    the shared config, both passwords and the wait for healthy stores, as compose_with_shared_state() says."""
+    base = {"PATH": os.environ["PATH"], "GATEWAY_ADMIN_KEY": "k" * 20, "GRAFANA_ADMIN_PASSWORD": "pw"}
+    files = ["-f", "docker-compose.yml", "-f", "deploy/compose/shared-state.yaml"]
+    for profile in ("cpu", "gpu"):
+        plain = docker_compose("-f", "docker-compose.yml", "--profile", profile, "config", env=base)
+        assert plain.returncode == 0, plain.stderr
+        refused = docker_compose(*files, "--profile", profile, "config", env=base)
+        assert refused.returncode != 0 and "POSTGRES_PASSWORD" in refused.stderr + refused.stdout
+        done = docker_compose(*files, "--profile", profile, "config", env={**base, **STORE_PASSWORDS})
+        assert done.returncode == 0, done.stderr
+        services = yaml.safe_load(done.stdout)["services"]
+        hand = compose_with_shared_state()["services"]
+        name = "gateway-cpu" if profile == "cpu" else "gateway"
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in services[name]["volumes"]}
+        (shared,) = [v for v in hand[name]["volumes"] if volume_target(v) == "/etc/gateway/config.yaml"]
+        assert mounts["/etc/gateway/config.yaml"] == str(REPO / shared.split(":")[0])
+        assert set(services[name]["depends_on"]) == set(hand[name]["depends_on"])
+        assert services[name]["depends_on"]["postgres"] == {"condition": "service_healthy"}
+        assert {k: v for k, v in services[name]["environment"].items() if k in STORE_PASSWORDS} == STORE_PASSWORDS
+        assert {"postgres", "redis"} <= set(services)
