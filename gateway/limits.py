@@ -211,13 +211,14 @@ class SharedLimits:
         self._logged = -math.inf
         self._settling: set[asyncio.Task[None]] = set()
 
-    async def run(self, keys: list[str], args: list[str | int]) -> list[Any] | None:
+    async def run(self, keys: list[str], args: list[str | int]) -> tuple[bool, float, float, int, int] | None:
         """The script's answer, or None when Redis did not give one (and then it is not asked for a while)."""
         if self._clock() < self._skip_until:
             return None
         try:
-            answer: list[Any] = await self.script(keys, args)
-            return answer
+            answer = await self.script(keys, args)
+            ok, wait_r, wait_t, rem_r, rem_t = answer  # a Redis that answers something else has not answered
+            return (bool(int(ok)), float(wait_r), float(wait_t), int(rem_r), int(rem_t))
         except Exception as exc:  # connection refused, timeout, auth, a script error: all mean "no answer"
             self._skip_until = self._clock() + RETRY_AFTER_S
             now = self._clock()
@@ -273,7 +274,7 @@ class RedisLimits:
         ok, wait_r, wait_t, rem_r, rem_t = answer
         headers = _headers(self.rpm, self.tpm, None if rem_r < 0 else rem_r, None if rem_t < 0 else rem_t)
         if not ok:
-            raise _refused(self.name, float(wait_r), float(wait_t), headers)
+            raise _refused(self.name, wait_r, wait_t, headers)
         return Grant(need_t, headers)
 
     def settle(self, reserved: int, used: int) -> None:

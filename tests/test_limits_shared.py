@@ -352,3 +352,36 @@ def test_the_admission_cost_benchmark_runs(redis: RedisServer) -> None:
         "local, one at a time", "local, 50 at once", "redis, one at a time", "redis, 50 at once"
     ], done.stdout  # fmt: skip
     assert all(float(line[24:].split()[1]) > 0 for line in lines), done.stdout  # the CPU column
+
+
+@pytest.mark.parametrize("reply", [b"+OK\r\n", b"*2\r\n:1\r\n:2\r\n", b"*5\r\n$1\r\nx\r\n:0\r\n:0\r\n:0\r\n:0\r\n",
+                                   b"not RESP at all\r\n"])  # fmt: skip
+def test_a_server_that_answers_nonsense_is_a_server_that_did_not_answer(reply: bytes) -> None:
+    """Something on the Redis port that is not Redis, or a script answer of the wrong shape: the call is not failed
+    with a 500, it follows the policy (fail_open: admitted, counted)."""
+
+    async def main() -> tuple[Grant, Metrics]:
+        handlers: list[asyncio.Task[None]] = []
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while await reader.read(65536):
+                    writer.write(reply)
+                    await writer.drain()
+            writer.close()
+
+        def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            handlers.append(asyncio.ensure_future(serve(reader, writer)))
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        s, metrics = shared(f"redis://127.0.0.1:{port}/0", timeout_s=1.0)
+        try:
+            return await RedisLimits(s, "nonsense", "k", 5, 100).take(1, 10), metrics
+        finally:
+            await s.aclose()  # the handlers see the connection end
+            server.close()
+            await asyncio.wait_for(asyncio.gather(*handlers), 10)
+
+    grant, metrics = asyncio.run(main())
+    assert grant == Grant(0) and errors(metrics, "admitted") == 1
