@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -85,6 +86,17 @@ def cli(*args: str, ready: str | None = None, timeout: float = 30.0) -> Iterator
         stop_group(proc)
         if proc.stdout:
             proc.stdout.close()
+
+
+@contextlib.contextmanager
+def serve_config(config: dict[str, Any], path: Path, *args: str, timeout: float = 60.0) -> Iterator[str]:
+    """``gateway serve`` of ``config`` (written to ``path`` as JSON, which the YAML loader reads) in a process of
+    its own, on a free port, with extra ``args`` (``--workers 2``); yields its URL once /ready answers."""
+    path.write_text(json.dumps(config))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with cli("serve", "--config", str(path), "--port", str(port), *args, ready=f"{url}/ready", timeout=timeout):
+        yield url
 
 
 def stop_group(proc: subprocess.Popen[bytes]) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import socket
 import time
@@ -28,7 +27,7 @@ from gateway.limits import RETRY_AFTER_S, Grant, LocalLimits, RedisLimits, Share
 from gateway.metrics import Metrics
 from tests.conftest import card, settings_for
 from tests.redisserver import RedisServer, redis_server
-from tests.servers import ThreadServer, cli, metric
+from tests.servers import ThreadServer, metric, serve_config
 
 KEY = "gk-shared-0123456789abcdef0123456789abcdef0"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -277,13 +276,7 @@ def test_two_gateway_processes_enforce_one_rpm(backend: str, redis: RedisServer,
             "models": [card("m", "llama", "Meta", "US", aliases=[])],
             "backends": [{"name": "b", "base_url": emulator.url, "models": ["m"]}],
         }  # fmt: skip
-        path = tmp_path / "config.json"
-        path.write_text(json.dumps(config))
-        urls = []
-        for _ in range(2):
-            port = free_port()
-            urls.append(f"http://127.0.0.1:{port}")
-            stack.enter_context(cli("serve", "--config", str(path), "--port", str(port), ready=f"{urls[-1]}/ready"))
+        urls = [stack.enter_context(serve_config(config, tmp_path / f"gateway-{i}.json")) for i in range(2)]
         auth = {"authorization": f"Bearer {KEY10}"}
         started = time.monotonic()
         codes = [

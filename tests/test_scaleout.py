@@ -6,7 +6,6 @@ summed, match what the client counted."""
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import httpx
@@ -14,11 +13,10 @@ import pytest
 
 from gateway.auth import hash_key
 from gateway.devstack.emulator import EmulatorConfig
-from gateway.devstack.supervisor import free_port
 from tests.conftest import card
 from tests.redisserver import redis_server
 from tests.roundrobin import round_robin
-from tests.servers import cli, emulators, metric
+from tests.servers import emulators, metric, serve_config
 
 pytestmark = pytest.mark.slow
 
@@ -47,16 +45,10 @@ def test_four_workers_share_one_history_one_limit_and_add_up(pg_url: str, tmp_pa
             "models": [card(m, "llama", "Meta", "US", aliases=[]) for m in MODELS],
             "backends": [{"name": f"b-{m}", "base_url": url, "models": [m]} for m, url in backends.items()],
         }  # fmt: skip
-        path = tmp_path / "config.json"
-        path.write_text(json.dumps(config))
-        gateways = []
-        for _ in range(2):
-            port = free_port()
-            gateways.append(f"http://127.0.0.1:{port}")
-            stack.enter_context(
-                cli("serve", "--config", str(path), "--port", str(port), "--workers", "2",
-                    ready=f"{gateways[-1]}/ready", timeout=60)
-            )  # fmt: skip
+        gateways = [
+            stack.enter_context(serve_config(config, tmp_path / f"gateway-{i}.json", "--workers", "2"))
+            for i in range(2)
+        ]
         front = stack.enter_context(round_robin(gateways)).url
 
         # fan-outs through the front, each on its own connection: they are run by different workers

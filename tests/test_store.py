@@ -18,7 +18,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
 from gateway.app import create_app
@@ -26,11 +25,10 @@ from gateway.compare.store import CallResult, SqliteStore, measured, open_store
 from gateway.compare.writer import READ_WAIT_S, StoreWriter
 from gateway.config import ModelCard
 from gateway.devstack.emulator import EmulatorConfig, create_emulator_app
-from gateway.devstack.supervisor import free_port
 from gateway.metrics import Metrics
 from gateway.relay.sse import StreamObserver, Usage
 from tests.conftest import card, settings_for
-from tests.servers import ThreadServer, cli, emulator_process, metric, python_process, stream_gaps
+from tests.servers import ThreadServer, emulator_process, metric, python_process, serve_config, stream_gaps
 from tests.test_mirror import wait_for
 
 MSG = [{"role": "user", "content": "store me"}]
@@ -257,11 +255,7 @@ def gateway_process(tmp_path: Path, name: str, results_db: str, primary: str, sh
             {"name": "s", "base_url": shadow, "models": ["shadow"]},
         ],
     }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with cli("serve", "--config", str(path), "--port", str(port), ready=f"{url}/ready"):
+    with serve_config(config, tmp_path / f"{name}.json", timeout=30) as url:
         yield url
 
 

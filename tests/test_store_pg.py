@@ -15,7 +15,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 
 from gateway.app import create_app
@@ -30,7 +29,7 @@ from gateway.errors import StoreUnavailable
 from gateway.metrics import Metrics
 from tests.conftest import Stack, card, settings_for
 from tests.postgres import PASSWORD_ROLE, PostgresServer, postgres_server
-from tests.servers import REPO, ThreadServer, cli, emulators, metric
+from tests.servers import REPO, ThreadServer, emulators, metric, serve_config
 
 MSG = [{"role": "user", "content": "store me"}]
 
@@ -285,11 +284,7 @@ def gateway_process(tmp_path: Path, name: str, results_db: str, backend: str) ->
         "models": [{"id": "m"}],
         "backends": [{"name": "b", "base_url": backend, "models": ["m"]}],
     }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with cli("serve", "--config", str(path), "--port", str(port), ready=f"{url}/ready", timeout=60):
+    with serve_config(config, tmp_path / f"{name}.json") as url:
         yield url
 
 
