@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import urlsplit
@@ -119,9 +119,6 @@ class LocalLimits:
         self.tokens = Bucket(tpm, clock) if tpm else None
 
     async def take(self, requests: int, tokens: int) -> Grant:
-        return self.take_now(requests, tokens)
-
-    def take_now(self, requests: int, tokens: int) -> Grant:
         need_r, need_t = needs(self.rpm, self.tpm, requests, tokens)
         wait_r = self.requests.wait_s(need_r) if self.requests is not None else 0.0
         wait_t = self.tokens.wait_s(max(need_t, 1)) if self.tokens is not None else 0.0
@@ -235,8 +232,9 @@ class SharedLimits:
     def failed(self, outcome: str) -> None:
         self._errors[outcome].inc()
 
-    def later(self, work: asyncio.Future[None] | Any) -> None:
-        task: asyncio.Task[None] = asyncio.ensure_future(work)
+    def later(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` without waiting for it (a settlement), keeping it until it ends (``drain`` waits)."""
+        task = asyncio.get_running_loop().create_task(work)
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
