@@ -327,3 +327,33 @@ def test_without_psycopg_the_config_and_the_store_say_what_to_install(monkeypatc
     monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg now fails
     with pytest.raises(RuntimeError, match=r"pip install 'llm-compare-gateway\[scale\]'"):
         open_store("postgresql://u@127.0.0.1/db")
+
+
+def test_a_mirrored_pair_is_stored_in_postgresql(pg_url: str) -> None:
+    """Shadow mirroring with the store on PostgreSQL: a client's call and its mirror are one pair in the shared
+    history, both sides stored under the pair's id."""
+    configs = {m: EmulatorConfig(model=m, ttft_ms=1, itl_ms=1, output_tokens=3) for m in ("primary", "shadow")}
+    with emulators(configs) as urls:
+        rule = {"to": ["shadow"], "fraction": 1.0, "max_concurrency": 4}
+        settings = settings_for(
+            [{"name": f"b-{m}", "base_url": u, "models": [m]} for m, u in urls.items()],
+            [card("primary", "llama", "Meta", "US", aliases=[], mirror=rule), card("shadow", "qwen3", "Alibaba", "CN")],
+            results_db=pg_url,
+        )  # fmt: skip
+        with ThreadServer(create_app(settings)) as gw:
+            body = {"model": "primary", "messages": MSG, "max_tokens": 3}
+            assert httpx.post(f"{gw.url}/v1/chat/completions", json=body, timeout=30).status_code == 200
+            deadline = time.monotonic() + 20  # the mirror finishes after the client's answer
+            while True:
+                pairs = [
+                    c for c in httpx.get(f"{gw.url}/v1/compare", timeout=30).json()["data"] if c["kind"] == "mirror"
+                ]
+                if (pairs and pairs[0]["calls"] == 2) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+    assert len(pairs) == 1 and pairs[0]["models"] == ["primary", "shadow"] and pairs[0]["calls"] == 2, pairs
+    store = open_store(pg_url)
+    try:
+        assert sorted(r.model for r in store.comparison(pairs[0]["id"])) == ["primary", "shadow"]
+    finally:
+        store.close()
